@@ -1,0 +1,179 @@
+"""
+Reading and writing weights in the official layouts: safetensors (single or sharded with
+`model.safetensors.index.json`) and pickled `.bin` (single or sharded with
+`pytorch_model.bin.index.json`, loaded only with `torch.load(weights_only=True, mmap=True)`).
+
+Models are built on the meta device and each checkpoint tensor is assigned in place, shard by
+shard, so loading never holds two copies of the weights. Names are mapped by one explicit table
+of (checkpoint prefix, nanollava prefix) pairs per layout; every checkpoint tensor is either used
+or dropped by an explicit list, every parameter is filled, every shape is checked, and any
+failure is one CheckpointError naming the file and the key.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def write_json(obj, path):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def weight_files(ckpt_dir):
+    """The weight files of a checkpoint directory, safetensors preferred, shards in index order."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    for single, index in [("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")]:
+        if (d / index).exists():
+            weight_map = read_json(d / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{d / index} has no weight_map")
+            files = [d / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f} is listed in {d / index} but missing")
+            return files
+        if (d / single).is_file():
+            return [d / single]
+    raise CheckpointError(f"{d} holds no model.safetensors, pytorch_model.bin or their shard index")
+
+
+def iter_tensors(files):
+    """Yields (file, key, tensor) one tensor at a time; a shard is released before the next opens."""
+    for f in files:
+        if f.suffix == ".safetensors":
+            for key, t in read_safetensors(f):
+                yield f, key, t
+        else:
+            try:  # pickles are untrusted: weights_only refuses anything but tensors and containers
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{f} is truncated, corrupt or not a weights-only pickle ({e})") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f} does not hold a state dict")
+            for key in list(sd):
+                yield f, key, sd.pop(key)
+
+
+def read_safetensors(path):
+    """Yields (key, tensor) from a safetensors file, reading each tensor straight into its own memory:
+    no mmap, so resident memory while loading is the model plus one tensor, not the model plus the file.
+    Layout: 8-byte little-endian header size, a JSON header {key: {dtype, shape, data_offsets}}, the data."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            assert 0 < n <= size - 8
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+        except (AssertionError, ValueError):
+            raise CheckpointError(f"{path} is not a safetensors file (corrupt or truncated header)") from None
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in DTYPES or 8 + n + end > size:
+                raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}")
+            t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            f.seek(8 + n + begin)
+            if buf.nbytes != end - begin or f.readinto(buf) != end - begin:
+                raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}")
+            yield key, t
+
+
+def rename(key, table):
+    """Maps a checkpoint key through (old prefix, new prefix) pairs, first match wins; None if none."""
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def unrename(name, table):
+    for old, new in table:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def load_weights(model, sources, dtype=None):
+    """Fills a meta-device model from [(files, table, drop)], where drop is a predicate on checkpoint
+    keys that LLaVA does not use (CLIP's text tower, position_ids buffers, rotary inv_freq)."""
+    params = dict(model.named_parameters())
+    filled = {}
+    for files, table, drop in sources:
+        for f, key, t in iter_tensors(files):
+            if drop(key):
+                continue
+            name = rename(key, table)
+            if name not in params:
+                raise CheckpointError(f"{f}: unexpected tensor {key} (no such parameter in {type(model).__name__})")
+            p = params[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"{f}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            if name in filled:
+                raise CheckpointError(f"{f}: {key} appears twice (also in {filled[name]})")
+            t = t.to(dtype or (p.dtype if p.dtype.is_floating_point else t.dtype))
+            _assign(model, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+            filled[name] = f
+    missing = [n for n in params if n not in filled]
+    if missing:
+        tables = [s[1] for s in sources]
+        where = ", ".join(str(Path(s[0][0]).parent) for s in sources)
+        raise CheckpointError(f"{where}: no tensor for {unrename(missing[0], tables[-1])} "
+                              f"({len(missing)} parameters missing, first {missing[0]})")
+    return model
+
+
+def _assign(model, name, value):
+    *path, leaf = name.split(".")
+    mod = model
+    for p in path:
+        mod = getattr(mod, p)
+    setattr(mod, leaf, value)
+
+
+def save_weights(tensors, out_dir, max_shard_bytes=5 * 2**30):
+    """Writes {key: tensor} as model.safetensors, or shards plus model.safetensors.index.json past
+    max_shard_bytes. Each file is written under a temporary name and renamed when complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+        size += n
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, out / f"{name}.tmp", metadata={"format": "pt"})
+        os.replace(out / f"{name}.tmp", out / name)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")

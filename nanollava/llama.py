@@ -1,0 +1,222 @@
+"""
+The language model of LLaVA-1.5: Vicuna v1.5, which is the Llama-2 architecture ("Llama 2: Open
+Foundation and Fine-Tuned Chat Models", Touvron et al. 2023), checkpoints lmsys/vicuna-{7b,13b}-v1.5.
+
+Parameter names are the checkpoint's (`model.` prefix dropped: `model.layers.0.self_attn.q_proj`
+is `layers.0.self_attn.q_proj` here). Notable:
+- RMSNorm statistics in fp32, cast back to the input dtype before the weight multiply.
+- RoPE in Hugging Face's layout (rotate_half over the two halves of a head, not interleaved), so
+  the checkpoint's q/k weights load unpermuted; inv_freq is computed, never loaded.
+- A static KV cache for generation; positions and a padding mask make left-padded batches and
+  multi-turn chat on one cache work.
+"""
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from nanollava.checkpoint import load_weights, read_json, save_weights, unrename, weight_files, write_json
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = None  # None: as many as query heads (Vicuna has no GQA)
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, cfg):
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("rope_scaling") or cfg.get("tie_word_embeddings"):
+            raise ValueError("only Llama with SiLU, plain RoPE and untied embeddings (Vicuna's) is supported")
+        cfg = dict(cfg)
+        cfg["rope_theta"] = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None})
+
+
+PRESETS = {
+    "vicuna-7b": LlamaConfig(),
+    "vicuna-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.norm(x, self.weight, self.eps)  # fused Triton kernel on GPU, PyTorch reference elsewhere
+
+
+def rope(positions, head_dim, theta, dtype):
+    """cos, sin of shape (B, 1, T, hs) for integer positions (B, T); fp32 math as in transformers."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hs/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate_half layout
+
+
+class KVCache:
+    """Static per-layer key/value buffers (B, n_kv, max_len, hs), filled left to right. `mask` records
+    which cached positions are real tokens (False for left padding), `len` how many are filled."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len, self.len = max_len, 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, idx):
+        super().__init__()
+        self.idx, self.n_head, self.n_kv = idx, cfg.num_attention_heads, cfg.num_key_value_heads
+        C, hs = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(C, self.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv * hs, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv * hs, bias=False)
+        self.o_proj = nn.Linear(self.n_head * hs, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, -1).transpose(1, 2)    # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, -1).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values, attend over everything cached so far
+            end = cache.len + T
+            cache.k[self.idx][:, :, cache.len:end] = k
+            cache.v[self.idx][:, :, cache.len:end] = v
+            k, v = cache.k[self.idx][:, :, :end], cache.v[self.idx][:, :, :end]
+        if self.n_kv != self.n_head:
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+        # plain causal self-attention takes the fused kernel; masks (padding, cached prefix) take SDPA
+        y = kernels.attention(q, k, v, causal=mask is None and k.shape[2] == T, mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    KEYS = [("lm_head.", "lm_head."), ("model.", "")]  # checkpoint prefix -> parameter prefix, first match wins
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self, std=0.02):
+        """Llama's init (normal 0.02, norms at one) for a model trained from scratch; from_pretrained overwrites it."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+        """(B, T) ids or (B, T, C) embeddings -> (B, T, vocab) logits.
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left padding in generation).
+        cache: a KVCache; the new tokens go after the cache.len tokens it already holds."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        start = cache.len if cache is not None else 0
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ValueError(f"{start + T} tokens exceed the KV cache of {cache.max_len}")
+            if attention_mask is not None:
+                cache.mask[:, start:start + T] = attention_mask.bool()
+            key_mask = cache.mask[:, :start + T] if not cache.mask[:, :start + T].all() else None
+        else:
+            key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
+        if key_mask is None:
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        else:  # a token's position counts the real tokens before it, so left padding shifts nothing
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        mask = attention_mask_for(T, start, key_mask, x.device)
+        cos, sin = rope(positions, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.len += T
+        return self.lm_head(self.norm(x))
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, dtype=torch.float32):
+        """Vicuna / Llama as lmsys ships it: fp16 pickled shards with pytorch_model.bin.index.json, or safetensors."""
+        cfg = LlamaConfig.from_json(read_json(Path(ckpt_dir) / "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg)
+        return load_weights(model, [(weight_files(ckpt_dir), cls.KEYS, llama_unused)], dtype).eval()
+
+    def config_json(self):
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "attention_bias": False,
+                "mlp_bias": False, "pretraining_tp": 1, "tie_word_embeddings": False, **asdict(self.config)}
+
+    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
+        """Writes a LlamaForCausalLM checkpoint: `model.*` and `lm_head.weight` in safetensors, and config.json."""
+        save_weights({unrename(k, self.KEYS): v for k, v in self.state_dict().items()}, out_dir, max_shard_bytes)
+        write_json(self.config_json(), Path(out_dir) / "config.json")
+
+
+def llama_unused(key):
+    return key.endswith("rotary_emb.inv_freq")  # old checkpoints saved the RoPE buffer; it is recomputed
+
+
+def attention_mask_for(T, start, key_mask, device):
+    """None for plain causal attention from position 0 (the fused kernel's case), else a boolean
+    (B or 1, 1, T, start + T) mask: causal over the cached prefix plus the new tokens, no padding keys.
+    A query always sees itself, so padding rows never become all-masked (which would give NaN)."""
+    if start == 0 and key_mask is None:
+        return None
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(start + T, device=device)[None, :]
+    mask = (k <= q)[None, None]
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :]) | (k == q)
+    return mask

@@ -1,0 +1,251 @@
+"""
+LLaVA-1.5 ("Improved Baselines with Visual Instruction Tuning", Liu et al. 2023): the CLIP tower,
+a two-layer MLP projector, and Vicuna, joined where the prompt says <image>.
+
+pixels (N, 3, 336, 336) -> vision_tower -> (N, 576, 1024) -> multi_modal_projector -> (N, 576, 4096)
+-> each image placeholder in input_ids is expanded into its 576 rows of the token embeddings
+-> language_model -> logits over the expanded sequence.
+
+Checkpoints read: the official LLaVA-1.5 layout (liuhaotian/llava-v1.5-*: Vicuna's keys plus
+`model.mm_projector.{0,2}`, the CLIP tower in its own directory), llava-hf's layout
+(llava-hf/llava-1.5-*-hf, and what newer transformers write), and nanollava's own, which is the
+newer llava-hf layout so that transformers' LlavaForConditionalGeneration loads it.
+"""
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanollava.checkpoint import CheckpointError, load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.llama import PRESETS as LLAMA_PRESETS, KVCache, Llama, LlamaConfig, llama_unused
+from nanollava.vit import ViT, ViTConfig, clip_unused
+
+IMAGE_TOKEN_INDEX = -200  # the official code's placeholder id: not in the vocabulary, replaced before embedding
+
+# checkpoint prefix -> parameter prefix, first match wins (ViT.KEYS and Llama.KEYS inside each model)
+HF_KEYS = [  # llava-hf as on the hub (what nanollava writes), then the variants transformers versions write
+    ("vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("language_model.model.", "language_model."),
+    ("vision_tower.encoder.layers.", "vision_tower.layers."),
+    ("vision_tower.", "vision_tower."),
+    ("model.vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.encoder.layers.", "vision_tower.layers."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.language_model.", "language_model."),
+]
+OFFICIAL_KEYS = [  # liuhaotian/llava-v1.5-*: Vicuna's names plus the projector as an nn.Sequential
+    ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.", "language_model."),
+]
+TOWER_KEYS = [(old, "vision_tower." + new) for old, new in ViT.KEYS]  # a CLIP directory beside an official checkpoint
+
+
+@dataclass
+class LLaVAConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    image_token_id: int = IMAGE_TOKEN_INDEX
+    pad_token_id: int = 0  # the official code pads with <unk>; llava-hf adds <pad> = 32001
+
+
+PRESETS = {  # the official checkpoints' shapes (vocabulary 32000, image placeholder -200)
+    "llava-1.5-7b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-7b"]),
+    "llava-1.5-13b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-13b"]),
+}
+
+
+class Projector(nn.Module):
+    """mlp2x_gelu: Linear(1024, 4096) -> GELU (exact erf) -> Linear(4096, 4096)."""
+
+    def __init__(self, vision_dim, text_dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class LLaVA(nn.Module):
+    def __init__(self, cfg: LLaVAConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = ViT(cfg.vision)
+        self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.language_model = Llama(cfg.text)
+
+    @property
+    def image_token_id(self):
+        return self.config.image_token_id
+
+    def embed(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """Token embeddings with each image placeholder expanded into its P projected features.
+        (B, T) ids -> (B, T', C) embeddings, and the mask and labels over the expanded sequence.
+        Rows keep their padding side: left-padded rows stay right-aligned, right-padded left-aligned."""
+        is_img = input_ids == self.image_token_id
+        n_img, n_px = int(is_img.sum()), 0 if pixel_values is None else pixel_values.shape[0]
+        if n_img != n_px:
+            raise ValueError(f"input_ids hold {n_img} image placeholders but {n_px} images were given")
+        ids = input_ids.masked_fill(is_img, 0)  # the placeholder may lie outside the vocabulary (-200)
+        if n_img == 0:
+            return self.language_model.embed_tokens(ids), attention_mask, labels
+        feats = self.multi_modal_projector(self.vision_tower(pixel_values))  # (N, P, C)
+        B, T = ids.shape
+        P, dev = feats.shape[1], ids.device
+        width = torch.where(is_img, P, 1)
+        end = width.cumsum(1)
+        length = end[:, -1]
+        Tn = int(length.max())
+        left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
+        start = end - width + ((Tn - length)[:, None] if left else 0)  # where each old token lands
+        rows = torch.arange(B, device=dev)[:, None].expand(B, T)
+        new_ids = torch.zeros(B, Tn, dtype=ids.dtype, device=dev)
+        new_ids[rows, start] = ids
+        img = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
+        img[rows[is_img][:, None], start[is_img][:, None] + torch.arange(P, device=dev)] = True
+        mask = torch.zeros(B, Tn, dtype=torch.long, device=dev)
+        mask[rows, start] = 1 if attention_mask is None else attention_mask.long()
+        mask[img] = 1
+        if labels is not None:
+            new_labels = torch.full((B, Tn), -100, dtype=labels.dtype, device=dev)
+            new_labels[rows, start] = labels
+            labels = new_labels
+        x = self.language_model.embed_tokens(new_ids)
+        x = x.masked_scatter(img[..., None], feats.to(x.dtype))  # images fill their slots in order
+        return x, (None if bool(mask.all()) else mask), labels
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean"):
+        """input_ids (B, T) with one image_token_id per image, pixel_values (N, 3, S, S) in placeholder order.
+        Returns logits (B, T', vocab) over the expanded sequence, or with labels (B, T) (-100 = no loss)
+        the next-token cross-entropy over supervised tokens ('mean' or 'sum')."""
+        x, mask, labels = self.embed(input_ids, pixel_values, attention_mask, labels)
+        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            mask = None  # right padding only: causal attention never lets a real token see it
+        logits = self.language_model(inputs_embeds=x, attention_mask=mask)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction=reduction)
+
+    def new_cache(self, batch, max_len):
+        p = self.language_model.lm_head.weight
+        return KVCache(self.config.text, batch, max_len, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
+                 top_p=1.0, eos_id=2, generator=None, cache=None, on_token=None):
+        """Greedy (temperature 0) or temperature / top-p sampling with a KV cache. Batches are left-padded
+        (attention_mask 0 on the left). Passing a cache continues after what it holds (chat); the last
+        sampled token is not yet in it. Returns (B, n) new ids; rows that ended are filled with eos_id."""
+        x, mask, _ = self.embed(input_ids, pixel_values, attention_mask)
+        B, T = x.shape[:2]
+        ctx = self.config.text.max_position_embeddings
+        if cache is None:
+            if T >= ctx:
+                raise ValueError(f"the prompt is {T} tokens with its image features; the context holds {ctx}")
+            cache = self.new_cache(B, min(ctx, T + max_new_tokens))
+        if cache.len + T >= cache.max_len:
+            raise ValueError(f"the conversation is {cache.len + T} tokens; the context holds {cache.max_len}")
+        max_new_tokens = min(max_new_tokens, cache.max_len - cache.len - T)
+        logits = self.language_model(inputs_embeds=x, attention_mask=mask, cache=cache)[:, -1]
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=x.device)
+        for i in range(max_new_tokens):
+            tok = torch.where(done, eos_id, sample(logits, temperature, top_p, generator))
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            done |= tok == eos_id
+            if done.all() or i == max_new_tokens - 1:
+                break
+            logits = self.language_model(tok[:, None], cache=cache)[:, -1]
+        return torch.stack(out, 1)
+
+    @classmethod
+    def from_pretrained(cls, path, vision_tower=None, dtype=torch.float32):
+        """An official LLaVA-1.5 directory (tower from `vision_tower=` or a local `mm_vision_tower`),
+        a llava-hf directory in either layout, or nanollava's own output."""
+        path = Path(path)
+        cj = read_json(path / "config.json")
+        if cj.get("model_type") == "llava":
+            if cj.get("vision_feature_select_strategy", "default") != "default" or cj.get("projector_hidden_act", "gelu") != "gelu":
+                raise CheckpointError(f"{path}/config.json: only LLaVA-1.5's patch features and GELU projector are supported")
+            text = LlamaConfig.from_json(cj.get("text_config", {}))
+            vision = replace(ViTConfig.from_json(cj.get("vision_config", {})), feature_layer=cj.get("vision_feature_layer", -2))
+            image_id = cj.get("image_token_index", cj.get("image_token_id", 32000))
+            pad_id = cj.get("pad_token_id", cj.get("text_config", {}).get("pad_token_id", 0)) or 0
+            sources = [(weight_files(path), HF_KEYS, llama_unused)]
+        elif "mm_vision_tower" in cj:
+            if cj.get("mm_projector_type", "linear") != "mlp2x_gelu" or cj.get("mm_vision_select_feature", "patch") != "patch":
+                raise CheckpointError(f"{path}/config.json: only LLaVA-1.5's mlp2x_gelu projector on patch features is supported")
+            tower = Path(vision_tower or cj["mm_vision_tower"])
+            if not tower.is_dir():
+                raise CheckpointError(f"{path} is an official LLaVA-1.5 checkpoint whose vision tower {cj['mm_vision_tower']!r} "
+                                      f"is not a local directory: pass vision_tower=DIR (a copy of openai/clip-vit-large-patch14-336)")
+            text = LlamaConfig.from_json(cj)
+            vision = replace(ViTConfig.from_json(read_json(tower / "config.json")), feature_layer=cj.get("mm_vision_select_layer", -2))
+            image_id, pad_id = IMAGE_TOKEN_INDEX, 0
+            # the tower is frozen in LLaVA-1.5, so a copy inside the checkpoint equals CLIP's: dropped, CLIP's is loaded
+            drop = lambda k: llama_unused(k) or k.startswith("model.vision_tower.")
+            sources = [(weight_files(path), OFFICIAL_KEYS, drop), (weight_files(tower), TOWER_KEYS, clip_unused)]
+        else:
+            raise CheckpointError(f"{path}/config.json is neither llava-hf's (model_type llava) nor official LLaVA-1.5's (mm_vision_tower)")
+        with torch.device("meta"):
+            model = cls(LLaVAConfig(vision, text, image_id, pad_id))
+        return load_weights(model, sources, dtype).eval()
+
+    @classmethod
+    def from_base(cls, clip_dir, llm_dir, dtype=torch.float32):
+        """What stage 1 starts from: a CLIP tower, a Vicuna, and a freshly initialised projector.
+        Like llava-hf, the vocabulary gains <image> and <pad> (ids V and V + 1), padded to a multiple of 64."""
+        vit, llm = ViT.from_pretrained(clip_dir, dtype), Llama.from_pretrained(llm_dir, dtype)
+        V = llm.config.vocab_size
+        V2 = -(-(V + 2) // 64) * 64
+        for m in (llm.embed_tokens, llm.lm_head):  # new rows start at the mean of the old ones
+            w = m.weight.detach()
+            m.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(V2 - V, -1)]))
+        llm.embed_tokens.num_embeddings = llm.lm_head.out_features = V2
+        llm.config = replace(llm.config, vocab_size=V2)
+        with torch.device("meta"):
+            model = cls(LLaVAConfig(vit.config, llm.config, image_token_id=V, pad_token_id=V + 1))
+        model.vision_tower, model.language_model = vit, llm
+        model.multi_modal_projector = Projector(vit.config.hidden_size, llm.config.hidden_size).to(dtype)  # PyTorch's default init, as official
+        return model
+
+    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
+        """Safetensors in llava-hf's layout (as llava-hf/llava-1.5-7b-hf ships) and its config.json:
+        transformers.LlavaForConditionalGeneration.from_pretrained(out_dir) loads it."""
+        if self.image_token_id < 0:
+            raise ValueError("the image placeholder is not in the vocabulary (official layout); llava-hf needs an <image> token")
+        save_weights({unrename(k, HF_KEYS[:5]): v for k, v in self.state_dict().items()}, out_dir, max_shard_bytes)
+        vision = self.vision_tower.config_json()
+        text = {**self.language_model.config_json(), "pad_token_id": self.config.pad_token_id}
+        for c in (vision, text):
+            c.pop("architectures")
+        write_json({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                    "image_token_index": self.image_token_id, "pad_token_id": self.config.pad_token_id,
+                    "image_seq_length": self.config.vision.num_patches, "projector_hidden_act": "gelu",
+                    "vision_feature_layer": self.config.vision.feature_layer, "vision_feature_select_strategy": "default",
+                    "multimodal_projector_bias": True, "tie_word_embeddings": False,
+                    "dtype": str(self.language_model.lm_head.weight.dtype).removeprefix("torch."),
+                    "vision_config": vision, "text_config": text}, Path(out_dir) / "config.json")
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """(B, V) logits -> (B,) ids: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(-1, descending=True)
+        p[p.cumsum(-1) - p > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,24 @@
+"""Shared test setup: the repo root on sys.path, Triton's interpreter on CPU, the fixtures folder."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before kernels/ is imported.
+# On a GPU machine run the suite with TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers is only an oracle here: keep its chatter out
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture
+def sp_model_path():
+    """The real Llama-2 / Vicuna tokenizer.model, or a skip naming why it is missing."""
+    path = FIXTURES / "llama2-tokenizer.model"
+    if not path.exists():
+        pytest.skip(f"fixture {path} is absent (it ships in ../shared/fixtures beside the repo)")
+    return path
