@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from nanollava.checkpoint import load_weights, read_json, save_weights, unrename, weight_files, write_json
@@ -148,6 +149,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False  # recompute each block's activations in backward (train.py --grad-checkpointing)
         self.init_weights()
 
     def init_weights(self, std=0.02):
@@ -180,7 +182,10 @@ class Llama(nn.Module):
         mask = attention_mask_for(T, start, key_mask, x.device)
         cos, sin = rope(positions, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.len += T
         return self.lm_head(self.norm(x))

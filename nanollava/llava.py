@@ -88,10 +88,12 @@ class LLaVA(nn.Module):
     def image_token_id(self):
         return self.config.image_token_id
 
-    def embed(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+    def embed(self, input_ids, pixel_values=None, attention_mask=None, labels=None, left=None):
         """Token embeddings with each image placeholder expanded into its P projected features.
         (B, T) ids -> (B, T', C) embeddings, and the mask and labels over the expanded sequence.
-        Rows keep their padding side: left-padded rows stay right-aligned, right-padded left-aligned."""
+        Rows keep their padding side: left-padded rows stay right-aligned, right-padded left-aligned.
+        left=True right-aligns rows even when the mask has no padding (generation: rows of equal token
+        length but different image counts still must end together); None infers it from the mask."""
         is_img = input_ids == self.image_token_id
         n_img, n_px = int(is_img.sum()), 0 if pixel_values is None else pixel_values.shape[0]
         if n_img != n_px:
@@ -99,14 +101,16 @@ class LLaVA(nn.Module):
         ids = input_ids.masked_fill(is_img, 0)  # the placeholder may lie outside the vocabulary (-200)
         if n_img == 0:
             return self.language_model.embed_tokens(ids), attention_mask, labels
-        feats = self.multi_modal_projector(self.vision_tower(pixel_values))  # (N, P, C)
+        feats = self.vision_tower(pixel_values)  # (N, P, Cv)
+        feats = self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype))  # (N, P, C)
         B, T = ids.shape
         P, dev = feats.shape[1], ids.device
         width = torch.where(is_img, P, 1)
         end = width.cumsum(1)
         length = end[:, -1]
         Tn = int(length.max())
-        left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
+        if left is None:
+            left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
         start = end - width + ((Tn - length)[:, None] if left else 0)  # where each old token lands
         rows = torch.arange(B, device=dev)[:, None].expand(B, T)
         new_ids = torch.zeros(B, Tn, dtype=ids.dtype, device=dev)
@@ -146,7 +150,7 @@ class LLaVA(nn.Module):
         """Greedy (temperature 0) or temperature / top-p sampling with a KV cache. Batches are left-padded
         (attention_mask 0 on the left). Passing a cache continues after what it holds (chat); the last
         sampled token is not yet in it. Returns (B, n) new ids; rows that ended are filled with eos_id."""
-        x, mask, _ = self.embed(input_ids, pixel_values, attention_mask)
+        x, mask, _ = self.embed(input_ids, pixel_values, attention_mask, left=True)  # every row ends at T
         B, T = x.shape[:2]
         ctx = self.config.text.max_position_embeddings
         if cache is None:
@@ -220,12 +224,15 @@ class LLaVA(nn.Module):
         model.multi_modal_projector = Projector(vit.config.hidden_size, llm.config.hidden_size).to(dtype)  # PyTorch's default init, as official
         return model
 
-    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
-        """Safetensors in llava-hf's layout (as llava-hf/llava-1.5-7b-hf ships) and its config.json:
-        transformers.LlavaForConditionalGeneration.from_pretrained(out_dir) loads it."""
+    def save_pretrained(self, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
+        """Safetensors in llava-hf's layout (as llava-hf/llava-1.5-7b-hf ships), its config.json and CLIP's
+        preprocessor_config.json: transformers.LlavaForConditionalGeneration.from_pretrained(out_dir) loads it.
+        state_dict: the full weights when this module is sharded (train.py gathers them on rank 0)."""
         if self.image_token_id < 0:
             raise ValueError("the image placeholder is not in the vocabulary (official layout); llava-hf needs an <image> token")
-        save_weights({unrename(k, HF_KEYS[:5]): v for k, v in self.state_dict().items()}, out_dir, max_shard_bytes)
+        sd = self.state_dict() if state_dict is None else state_dict
+        save_weights({unrename(k, HF_KEYS[:5]): v for k, v in sd.items()}, out_dir, max_shard_bytes)
+        write_json(self.vision_tower.preprocessor_config(), Path(out_dir) / "preprocessor_config.json")
         vision = self.vision_tower.config_json()
         text = {**self.language_model.config_json(), "pad_token_id": self.config.pad_token_id}
         for c in (vision, text):
@@ -234,7 +241,7 @@ class LLaVA(nn.Module):
                     "image_token_index": self.image_token_id, "pad_token_id": self.config.pad_token_id,
                     "image_seq_length": self.config.vision.num_patches, "projector_hidden_act": "gelu",
                     "vision_feature_layer": self.config.vision.feature_layer, "vision_feature_select_strategy": "default",
-                    "multimodal_projector_bias": True, "tie_word_embeddings": False,
+                    "multimodal_projector_bias": True, "tie_word_embeddings": False, "image_aspect_ratio": "pad",
                     "dtype": str(self.language_model.lm_head.weight.dtype).removeprefix("torch."),
                     "vision_config": vision, "text_config": text}, Path(out_dir) / "config.json")
 

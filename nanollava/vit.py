@@ -166,12 +166,15 @@ class ViT(nn.Module):
         """Writes a CLIPVisionModel checkpoint (keys `vision_model.*`) and CLIP's preprocessor_config.json."""
         save_weights({unrename(k, self.KEYS): v for k, v in self.state_dict().items()}, out_dir, max_shard_bytes)
         write_json(self.config_json(), Path(out_dir) / "config.json")
+        write_json(self.preprocessor_config(), Path(out_dir) / "preprocessor_config.json")
+
+    def preprocessor_config(self):
+        """CLIPImageProcessor's settings for this tower's image size."""
         S = self.config.image_size
-        write_json({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": S},
-                    "resample": 3, "do_center_crop": True, "crop_size": {"height": S, "width": S},
-                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                    "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True},
-                   Path(out_dir) / "preprocessor_config.json")
+        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": S},
+                "resample": 3, "do_center_crop": True, "crop_size": {"height": S, "width": S},
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
 
 
 def clip_unused(key):

@@ -22,3 +22,20 @@ def sp_model_path():
     if not path.exists():
         pytest.skip(f"fixture {path} is absent (it ships in ../shared/fixtures beside the repo)")
     return path
+
+
+def run(cmd, **kw):
+    """Runs a nanollava script; on failure the assertion shows its output."""
+    import subprocess
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    assert p.returncode == 0, f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small world made by prepare.py (shared by the training, sampling and end-to-end tests): its manifest."""
+    root = tmp_path_factory.mktemp("world")
+    run([sys.executable, "prepare.py", "--root", root, "--n-train", "160", "--n-eval", "12", "--n-text", "16",
+         "--vit-steps", "10", "--llm-steps", "10", "--seed", "0"])
+    return root / "world" / "manifest.json"
