@@ -8,7 +8,9 @@ import pytest
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before kernels/ is imported.
 # On a GPU machine run the suite with TRITON_INTERPRET=0 to test the compiled kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers is only an oracle here: keep its chatter out
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The interpreter runs each Triton program's small matmuls through numpy: OpenBLAS threads only fight over 2 cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # transformers is only an oracle here: keep its chatter out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
