@@ -2,3 +2,4 @@
 from nanollava.vit import ViT, ViTConfig
 from nanollava.llama import Llama, LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
+from nanollava.tokenizer import load_tokenizer

@@ -214,10 +214,11 @@ def llama_unused(key):
 
 
 def attention_mask_for(T, start, key_mask, device):
-    """None for plain causal attention from position 0 (the fused kernel's case), else a boolean
-    (B or 1, 1, T, start + T) mask: causal over the cached prefix plus the new tokens, no padding keys.
-    A query always sees itself, so padding rows never become all-masked (which would give NaN)."""
-    if start == 0 and key_mask is None:
+    """None where no mask is needed: plain causal attention from position 0 (the fused kernel's case), or one
+    new token after an unpadded cache (it sees every key; decoding skips building a mask at every step).
+    Else a boolean (B or 1, 1, T, start + T) mask: causal over the cached prefix plus the new tokens, no padding
+    keys. A query always sees itself, so padding rows never become all-masked (which would give NaN)."""
+    if key_mask is None and (start == 0 or T == 1):
         return None
     q = torch.arange(start, start + T, device=device)[:, None]
     k = torch.arange(start + T, device=device)[None, :]
