@@ -154,6 +154,8 @@ class Llama(nn.Module):
 
     def init_weights(self, std=0.02):
         """Llama's init (normal 0.02, norms at one) for a model trained from scratch; from_pretrained overwrites it."""
+        if self.lm_head.weight.is_meta:
+            return  # built on the meta device to be loaded: nothing to init (and init on meta is slow to import)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)

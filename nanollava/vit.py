@@ -120,6 +120,8 @@ class ViT(nn.Module):
 
     def init_weights(self, std=0.02):
         """CLIP-like init for a tower trained from scratch (the tiny default); from_pretrained overwrites it."""
+        if self.pre_layrnorm.weight.is_meta:
+            return  # built on the meta device to be loaded: nothing to init (and init on meta is slow to import)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
