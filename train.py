@@ -49,9 +49,9 @@ RECIPES = {
     "world": dict(lr=(1e-3, 3e-4), batch=(32, 32), epochs=(2, 3), micro_batch=(16, 16), max_len=512,
                   grad_checkpointing=False, group_by_length=False, data="data/world/manifest.json"),
     "llava-1.5-7b": dict(lr=(1e-3, 2e-5), batch=(256, 128), epochs=(1, 1), micro_batch=(32, 16), max_len=2048,
-                         grad_checkpointing=True, group_by_length=True, data="data/llava-1.5/manifest.json"),
+                         grad_checkpointing=True, group_by_length=True, data="data/llava-1.5/manifest-7b.json"),
 }
-RECIPES["llava-1.5-13b"] = RECIPES["llava-1.5-7b"]
+RECIPES["llava-1.5-13b"] = {**RECIPES["llava-1.5-7b"], "data": "data/llava-1.5/manifest-13b.json"}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--recipe", default="world", choices=list(RECIPES), help="hyperparameters and data: the offline world or the official LLaVA-1.5 recipe")

@@ -39,5 +39,17 @@ def tiny_world(tmp_path_factory):
     """A small world made by prepare.py (shared by the training, sampling and end-to-end tests): its manifest."""
     root = tmp_path_factory.mktemp("world")
     run([sys.executable, "prepare.py", "--root", root, "--n-train", "160", "--n-eval", "12", "--n-text", "16",
-         "--vit-steps", "10", "--llm-steps", "10", "--seed", "0"])
+         "--vit-steps", "10", "--llm-steps", "60", "--seed", "0"])
     return root / "world" / "manifest.json"
+
+
+SMALL = ["--batch1", "8", "--batch2", "8", "--micro-batch", "4", "--max-len", "256"]  # a few seconds a stage
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_world, tmp_path_factory):
+    """Both stages, 4 steps each, two processes under torchrun (gloo), on the tiny world: the output directory."""
+    out = tmp_path_factory.mktemp("trained")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         "--data", tiny_world, "--out", out, "--max-steps", "4", *SMALL])
+    return out
