@@ -162,10 +162,12 @@ class Llama(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, select=None):
         """(B, T) ids or (B, T, C) embeddings -> (B, T, vocab) logits.
         attention_mask (B, T): 1 for real tokens, 0 for padding (left padding in generation).
-        cache: a KVCache; the new tokens go after the cache.len tokens it already holds."""
+        cache: a KVCache; the new tokens go after the cache.len tokens it already holds.
+        select (B, T) bool: logits only at these positions, (N, vocab) in row-major order; training needs
+        them only where a label follows, which saves the head's compute and most of the logits' memory."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = cache.len if cache is not None else 0
@@ -190,7 +192,8 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.len += T
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return self.lm_head(x if select is None else x[select])
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, dtype=torch.float32):

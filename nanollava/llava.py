@@ -135,10 +135,12 @@ class LLaVA(nn.Module):
         x, mask, labels = self.embed(input_ids, pixel_values, attention_mask, labels)
         if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
             mask = None  # right padding only: causal attention never lets a real token see it
-        logits = self.language_model(inputs_embeds=x, attention_mask=mask)
         if labels is None:
-            return logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction=reduction)
+            return self.language_model(inputs_embeds=x, attention_mask=mask)
+        targets = labels[:, 1:]
+        select = F.pad(targets != -100, (0, 1))  # positions whose next token is supervised
+        logits = self.language_model(inputs_embeds=x, attention_mask=mask, select=select)  # (N, vocab)
+        return F.cross_entropy(logits.float(), targets[targets != -100], reduction=reduction)
 
     def new_cache(self, batch, max_len):
         p = self.language_model.lm_head.weight
