@@ -7,7 +7,7 @@ CLIP vision tower and a Vicuna-style Llama with its own tokenizer), each pretrai
 the world. Everything is a function of --seed; parts already built are reused (each part writes
 a marker last, holding the flags it was built with); --force rebuilds.
 
-    python prepare.py                                    # data/world, about 1-2 minutes on a 2-core CPU
+    python prepare.py                                    # data/world, about 2 minutes on a 2-core CPU
     python prepare.py --n-train 400 --vit-steps 50 --llm-steps 50 --root /tmp/small
     python prepare.py --force                            # rebuild everything
 
@@ -41,7 +41,7 @@ parser.add_argument("--seed", type=int, default=1337, help="seed of everything i
 # the world
 parser.add_argument("--image-size", type=int, default=72, help="image side in pixels (divisible by 3: a 3x3 grid of named positions)")
 parser.add_argument("--patch-size", type=int, default=24, help="vision tower patch size; image-size / 3 puts one cell in each image token")
-parser.add_argument("--n-train", type=int, default=4000, help="training images (stage 1 captions one each; stage 2 rows several each)")
+parser.add_argument("--n-train", type=int, default=15000, help="training images (stage 1 captions one each; stage 2 rows several each)")
 parser.add_argument("--n-eval", type=int, default=300, help="held-out evaluation images (layouts never seen in training)")
 parser.add_argument("--eval-questions", type=int, default=2, help="questions per evaluation image")
 parser.add_argument("--n-text", type=int, default=200, help="text-only stage 2 rows")

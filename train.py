@@ -46,7 +46,7 @@ from nanollava.tokenizer import load_tokenizer
 
 # per stage (1, 2): learning rate, global batch, epochs, micro-batch per device; then what both stages share
 RECIPES = {
-    "world": dict(lr=(1e-3, 3e-4), batch=(32, 32), epochs=(2, 3), micro_batch=(16, 16), max_len=512,
+    "world": dict(lr=(1e-3, 1e-3), batch=(32, 32), epochs=(1, 2), micro_batch=(16, 16), max_len=512,
                   grad_checkpointing=False, group_by_length=False, data="data/world/manifest.json"),
     "llava-1.5-7b": dict(lr=(1e-3, 2e-5), batch=(256, 128), epochs=(1, 1), micro_batch=(32, 16), max_len=2048,
                          grad_checkpointing=True, group_by_length=True, data="data/llava-1.5/manifest-7b.json"),
