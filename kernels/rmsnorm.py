@@ -19,22 +19,10 @@ padded to a power of two and masked) and saves rstd. Each program of the backwar
 a strided set of rows, writes their dx, and keeps its partial sum of dout * y in
 registers; the partials land in an (n_programs, N) fp32 buffer that one `sum(0)` reduces.
 """
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # kernels/ still imports; norm() then uses PyTorch
-    class _NoTriton:  # just enough for the decorators and annotations below to evaluate
-        jit = staticmethod(lambda fn: fn)
-        constexpr = None
-    triton = tl = _NoTriton()
-    HAS_TRITON = False
+from .attention import HAS_TRITON, INTERPRET, tl, triton  # triton, or a stand-in when it fails to import
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_N = 8192  # a whole row lives in registers
 
 
