@@ -7,7 +7,7 @@ CLIP vision tower and a Vicuna-style Llama with its own tokenizer), each pretrai
 the world. Everything is a function of --seed; parts already built are reused (each part writes
 a marker last, holding the flags it was built with); --force rebuilds.
 
-    python prepare.py                                    # data/world, about 2 minutes on a 2-core CPU
+    python prepare.py                                    # data/world, under 4 minutes on a 2-core CPU
     python prepare.py --n-train 400 --vit-steps 50 --llm-steps 50 --root /tmp/small
     python prepare.py --force                            # rebuild everything
 
@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -49,15 +50,14 @@ parser.add_argument("--n-text", type=int, default=200, help="text-only stage 2 r
 parser.add_argument("--vit-width", type=int, default=128, help="vision tower hidden size (intermediate is 4x)")
 parser.add_argument("--vit-layers", type=int, default=3, help="vision tower layers (LLaVA uses the output of the second to last)")
 parser.add_argument("--vit-heads", type=int, default=4, help="vision tower attention heads")
-parser.add_argument("--vit-steps", type=int, default=800, help="vision tower pretraining steps (per-patch shape attributes)")
+parser.add_argument("--vit-steps", type=int, default=500, help="vision tower pretraining steps (per-patch shape attributes)")
 parser.add_argument("--vit-batch", type=int, default=64, help="vision tower pretraining batch size (images)")
 parser.add_argument("--vit-lr", type=float, default=2e-3, help="vision tower pretraining peak learning rate")
 parser.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary (259 of it are <unk>, <s>, </s> and the byte fallback)")
 parser.add_argument("--llm-width", type=int, default=128, help="language model hidden size (intermediate is 8/3 x, heads of 32)")
 parser.add_argument("--llm-layers", type=int, default=2, help="language model layers")
-parser.add_argument("--llm-steps", type=int, default=150, help="language model pretraining steps (causal LM on the world's text)")
-parser.add_argument("--llm-batch", type=int, default=16, help="language model pretraining batch size (sequences)")
-parser.add_argument("--llm-block", type=int, default=128, help="language model pretraining sequence length (packed text)")
+parser.add_argument("--llm-steps", type=int, default=300, help="language model pretraining steps (the world's chats and captions)")
+parser.add_argument("--llm-batch", type=int, default=64, help="language model pretraining batch size (chats or captions)")
 parser.add_argument("--llm-lr", type=float, default=3e-3, help="language model pretraining peak learning rate")
 # LLaVA-1.5
 parser.add_argument("--size", default="7b", choices=["7b", "13b"], help="Vicuna size for --recipe llava-1.5")
@@ -97,10 +97,12 @@ def build_world(args, out):
     train = W.sample_scenes(rng, args.n_train)
     evals = W.sample_scenes(rng, args.n_eval, exclude={s.key() for s in train})  # held-out layouts
     stage1, stage2, questions = [], [], []
+    jobs = []
     for split, scenes in [("train", train), ("eval", evals)]:
         (out / "images" / split).mkdir(parents=True)
-        for i, scene in enumerate(scenes):
-            W.draw(scene, args.image_size).save(out / "images" / split / f"{i:06d}.png")
+        jobs += [(scene, args.image_size, out / "images" / split / f"{i:06d}.png") for i, scene in enumerate(scenes)]
+    with multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, 8)) as pool:  # drawing is most of the time
+        pool.starmap(draw_png, jobs, chunksize=256)
     for i, scene in enumerate(train):
         image = f"train/{i:06d}.png"
         stage1.append(W.stage1_row(scene, rng, f"world-{i:06d}", image))
@@ -117,6 +119,11 @@ def build_world(args, out):
                 "eval": {f"eval/{i:06d}.png": asdict(s) for i, s in enumerate(evals)}}, out / "scenes.json")
     return {"train_images": len(train), "eval_images": len(evals), "stage1_rows": len(stage1),
             "stage2_rows": len(stage2), "eval_questions": len(questions)}
+
+
+def draw_png(scene, size, path):
+    from nanollava.world import draw
+    draw(scene, size).save(path)
 
 
 def schedule(step, steps, lr, warmup=0.05):
@@ -201,12 +208,13 @@ def pretrain_clip(args, world_dir, out):
 
 
 def pretrain_vicuna(args, world_dir, out):
-    """A tiny Llama pretrained as a causal LM on the world's text, packed into blocks: the stage 2
-    conversations in the vicuna_v1 template and the stage 1 captions, each with the image replaced by
-    the scene written out in the layout of the image tokens (world.grid_text). So the model learns to
-    answer from what is in its context, the skill stage 1 then hooks the projected image into (Vicuna
-    brings it from its own pretraining). The tokenizer is trained on the same text, with Llama's id
-    conventions. Scored on the held-out questions, with their scenes as text."""
+    """A tiny Llama pretrained on the world's text: the stage 2 conversations (vicuna_v1 without the system
+    prompt, learned on the answers as Vicuna's chat tuning) and the stage 1 captions, each with the image
+    given the way the image tokens will give it: 9 positions, one per cell, each holding the mean of the
+    embeddings of the words that describe the cell (world.cell_words). So the model learns to answer from
+    9 vectors in the image's place, the skill stage 1 then hooks the projected image into (Vicuna brings it
+    from its own pretraining); without it stage 1 cannot lower its loss at all. The tokenizer is trained on
+    the same text, with Llama's id conventions. Scored on the held-out questions with their scenes in words."""
     import torch
     import torch.nn.functional as F
     from nanollava import world as W
@@ -220,43 +228,58 @@ def pretrain_vicuna(args, world_dir, out):
     scenes = {p: W.Scene(**{**sc, "shapes": [W.Shape(**x) for x in sc["shapes"]]})
               for split in json.loads((world_dir / "scenes.json").read_text()).values() for p, sc in split.items()}
 
-    def as_text(row):  # the conversation with the image written out as text
-        grid = W.grid_text(scenes[row["image"]]) if "image" in row else ""
-        return [{**t, "value": t["value"].replace(IMAGE, grid)} for t in row["conversations"]]
-
-    def chat(conv):  # the vicuna_v1 prompt as text, for the tokenizer to learn "USER:" and "ASSISTANT:"
-        return SYSTEM + "".join(f" USER: {q['value']} ASSISTANT: {a['value']}" for q, a in zip(conv[::2], conv[1::2]))
-    texts = [chat(as_text(row)) for row in stage2] + [row["conversations"][1]["value"] for row in stage1]
-    tok = train_tokenizer(texts, args.vocab_size)
+    def chat(row):  # the vicuna_v1 prompt as text, for the tokenizer to learn "USER:", "ASSISTANT:" and the cells
+        words = " ".join(W.cell_words(scenes[row["image"]])) if "image" in row else ""
+        conv = [t["value"].replace(IMAGE, words) for t in row["conversations"]]
+        return SYSTEM + "".join(f" USER: {q} ASSISTANT: {a}" for q, a in zip(conv[::2], conv[1::2]))
+    tok = train_tokenizer([chat(row) for row in stage2 + stage1], args.vocab_size)
     tok.save(out)
-    # (ids, labels): a conversation is learned on its answers only, as Vicuna's chat tuning; a caption on all of it
-    docs = [conversation_ids(as_text(row), tok, "vicuna_v1", None) for row in stage2]
-    for row in stage1:
-        ids = tok.encode(W.grid_text(scenes[row["image"]]) + "\n" + row["conversations"][1]["value"] + "\n")
-        docs.append(([tok.bos_id] + ids, [IGNORE_INDEX] + ids))
-    random.Random(args.seed).shuffle(docs)
-    stream = torch.tensor([i for ids, _ in docs for i in ids])
-    targets = torch.tensor([i for _, labels in docs for i in labels])
-    held = [conversation_ids(as_text({"image": q["image"], "conversations": [
-        {"from": "human", "value": IMAGE + "\n" + q["text"]}, {"from": "gpt", "value": q["answer"]}]}), tok, "vicuna_v1", None)
-        for q in evals]
+    SLOT = tok.vocab_size  # where the image goes in the ids, as image_token_id will mark it in LLaVA
+
+    def doc(row, template):  # (ids, labels, the cells' word ids or None)
+        ids, labels = conversation_ids(row["conversations"], tok, template, SLOT, system="")
+        return ids, labels, [tok.encode(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else None
+    docs = [doc(row, "vicuna_v1") for row in stage2] + [doc(row, "plain") for row in stage1]
+    held = [doc({"image": q["image"], "conversations": [{"from": "human", "value": IMAGE + "\n" + q["text"]},
+                                                         {"from": "gpt", "value": q["answer"]}]}, "vicuna_v1") for q in evals]
 
     w = args.llm_width
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=w, intermediate_size=(8 * w // 3 + 63) // 64 * 64,
                       num_hidden_layers=args.llm_layers, num_attention_heads=max(1, w // 32),
                       max_position_embeddings=2048)
     llm = Llama(cfg)
+
+    def batch(chunk):  # right-padded embeddings (B, T, C) with each SLOT expanded into 9 cell vectors, and labels
+        ids, labels, cells = [], [], []
+        for i, lab, c in chunk:
+            if c is not None:
+                k = i.index(SLOT)
+                i, lab = i[:k] + [SLOT] * 9 + i[k + 1:], lab[:k] + [IGNORE_INDEX] * 9 + lab[k + 1:]
+                cells += c
+            ids.append(i)
+            labels.append(lab)
+        T = max(map(len, ids))
+        ids = torch.tensor([i + [0] * (T - len(i)) for i in ids])
+        labels = torch.tensor([lab + [IGNORE_INDEX] * (T - len(lab)) for lab in labels])
+        x = llm.embed_tokens(ids.masked_fill(ids == SLOT, 0))
+        if cells:
+            n = max(map(len, cells))
+            words = torch.tensor([c + [-1] * (n - len(c)) for c in cells])  # (cells, n)
+            keep = (words >= 0).unsqueeze(-1).float()
+            means = (llm.embed_tokens(words.clamp(min=0)) * keep).sum(1) / keep.sum(1)
+            x = x.masked_scatter((ids == SLOT).unsqueeze(-1), means)
+        return x, labels
+
     opt = torch.optim.AdamW(llm.parameters(), lr=args.llm_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    B, T = args.llm_batch, args.llm_block
+    rng = random.Random(args.seed)
     t0 = time.time()
     for step in range(args.llm_steps):
         for group in opt.param_groups:
             group["lr"] = schedule(step, args.llm_steps, args.llm_lr)
-        start = torch.randint(len(stream) - T - 1, (B,), generator=gen)
-        x = torch.stack([stream[s:s + T] for s in start])  # (B, T)
-        y = torch.stack([targets[s + 1:s + T + 1] for s in start])  # (B, T): the next token where it is learned
-        loss = F.cross_entropy(llm(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        x, labels = batch(rng.sample(docs, args.llm_batch))
+        targets = labels[:, 1:]
+        select = F.pad(targets != IGNORE_INDEX, (0, 1))  # logits only where the next token is learned
+        loss = F.cross_entropy(llm(inputs_embeds=x, select=select), targets[targets != IGNORE_INDEX])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
@@ -267,16 +290,13 @@ def pretrain_vicuna(args, world_dir, out):
     right = 0  # a question is right when every answer token (and </s>) is the argmax: what greedy decoding gives
     with torch.no_grad():
         for i in range(0, len(held), 64):
-            chunk = held[i:i + 64]
-            n = max(len(ids) for ids, _ in chunk)
-            ids = torch.tensor([ids + [0] * (n - len(ids)) for ids, _ in chunk])
-            labels = torch.tensor([lab[1:] + [IGNORE_INDEX] * (n - len(lab) + 1) for _, lab in chunk])
-            pred = llm(ids).argmax(-1)
-            right += ((pred == labels) | (labels == IGNORE_INDEX)).all(-1).sum().item()
+            x, labels = batch(held[i:i + 64])
+            pred = llm(inputs_embeds=x)[:, :-1].argmax(-1)
+            right += ((pred == labels[:, 1:]) | (labels[:, 1:] == IGNORE_INDEX)).all(-1).sum().item()
     llm.save_pretrained(out)
     return {"params": sum(p.numel() for p in llm.parameters()), "vocab_size": tok.vocab_size,
-            "train_loss": round(loss.item(), 4), "eval_accuracy_from_text": round(right / len(held), 4),
-            "tokens": len(stream), "seconds": round(time.time() - t0, 1)}
+            "train_loss": round(loss.item(), 4), "eval_accuracy_from_words": round(right / len(held), 4),
+            "seconds": round(time.time() - t0, 1)}
 
 
 def prepare_world(args):
@@ -286,7 +306,7 @@ def prepare_world(args):
     clip_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["patch_size", "vit_width", "vit_layers", "vit_heads",
                                                               "vit_steps", "vit_batch", "vit_lr"]}}
     vicuna_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["vocab_size", "llm_width", "llm_layers", "llm_steps",
-                                                                "llm_batch", "llm_block", "llm_lr"]}}
+                                                                "llm_batch", "llm_lr"]}}
     parts = [("world", out / ".done-world", world_cfg, lambda: build_world(args, out)),
              ("base/clip", out / "base/clip/.done", clip_cfg, lambda: pretrain_clip(args, out, out / "base/clip")),
              ("base/vicuna", out / "base/vicuna/.done", vicuna_cfg, lambda: pretrain_vicuna(args, out, out / "base/vicuna"))]

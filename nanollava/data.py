@@ -85,8 +85,9 @@ def _prepare(conversations, template, open_end=False):
     return pairs, has_image
 
 
-def _build(pairs, has_image, tok, template, image_token_id):
+def _build(pairs, has_image, tok, template, image_token_id, system=SYSTEM):
     ids, labels = [tok.bos_id], [IGNORE_INDEX]
+    head = system + " USER: " if system else "USER: "
 
     def add(new, supervised):
         ids.extend(new)
@@ -99,12 +100,12 @@ def _build(pairs, has_image, tok, template, image_token_id):
         return ids, labels
     for k, (q, a) in enumerate(pairs):
         if k == 0 and has_image:
-            add(tok.encode(SYSTEM + " USER: "), False)  # ends in a lone "▁", as in the official ids
+            add(tok.encode(head), False)  # ends in a lone "▁", as in the official ids
             add([image_token_id], False)
             # A new chunk, so a new dummy prefix: "\n" becomes "▁" (29871) + "<0x0A>" (13).
             add(tok.encode(q[len(IMAGE):] + " ASSISTANT:"), False)
         elif k == 0:
-            add(tok.encode(SYSTEM + " USER: " + q + " ASSISTANT:"), False)
+            add(tok.encode(head + q + " ASSISTANT:"), False)
         else:
             # Text right after </s> gets no dummy prefix (HF's slow tokenizer with legacy=False).
             add(tok.encode("USER: " + q + " ASSISTANT:", prefix=False), False)
@@ -115,10 +116,11 @@ def _build(pairs, has_image, tok, template, image_token_id):
     return ids, labels
 
 
-def conversation_ids(conversations, tok, template, image_token_id):
-    """A training row -> (ids, labels): lists of ints, labels IGNORE_INDEX where the loss is masked."""
+def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM):
+    """A training row -> (ids, labels): lists of ints, labels IGNORE_INDEX where the loss is masked.
+    system="" leaves vicuna_v1's system prompt out (prepare.py pretrains the world's LLM on such chats)."""
     pairs, has_image = _prepare(conversations, template)
-    return _build(pairs, has_image, tok, template, image_token_id)
+    return _build(pairs, has_image, tok, template, image_token_id, system)
 
 
 def prompt_ids(turns, tok, image_token_id):

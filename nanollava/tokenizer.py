@@ -322,7 +322,8 @@ def train_tokenizer(texts, vocab_size):
 
     Layout as in Llama's tokenizer.model: <unk>, <s>, </s>; <0x00>..<0xFF>; merged pieces in the order they
     were learned (score = -rank); then the single characters. Training splits words at spaces ("▁" starts a
-    piece, never sits inside one) and digits stand alone, as in Llama. The result goes through the same
+    piece, never sits inside one); digits, punctuation and newlines stand alone, so "circle?" is "▁circle" "?"
+    as Llama has it (on a small corpus BPE would otherwise learn "circle?" as a piece of its own). The result goes through the same
     scores -> merges path as a loaded tokenizer.model, so save_sentencepiece + load_tokenizer gives it back.
     vocab_size is an upper bound: a small corpus can run out of pairs to merge first.
     """
@@ -332,6 +333,7 @@ def train_tokenizer(texts, vocab_size):
     tok = _HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True),
+        pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Punctuation("isolated"),
         pre_tokenizers.Digits(individual_digits=True)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   max_token_length=16)  # SentencePiece's default max_sentencepiece_length

@@ -184,11 +184,11 @@ def describe(scene, rng):
     return " ".join(out)
 
 
-def grid_text(scene):
-    """The scene as text in the layout of the 9 image tokens (raster order, one slot per cell): what the
-    language model reads in place of the image while it pretrains, so that it learns to answer from context."""
+def cell_words(scene):
+    """Each of the 9 cells in words, raster order, with the background ("top left small red circle dark",
+    "top nothing dark"): what the language model reads in place of the 9 image tokens while it pretrains."""
     there = {s.cell: f"{s.size} {s.color} {s.kind}" for s in scene.shapes}
-    return "; ".join(f"{POSITIONS[c]}: {there.get(c, 'nothing')}" for c in range(9)) + f"; {scene.tone} background."
+    return [f"{POSITIONS[c]} {there.get(c, 'nothing')} {scene.tone}" for c in range(9)]
 
 
 def question(scene, rng, qtype):

@@ -39,7 +39,7 @@ def tiny_world(tmp_path_factory):
     """A small world made by prepare.py (shared by the training, sampling and end-to-end tests): its manifest."""
     root = tmp_path_factory.mktemp("world")
     run([sys.executable, "prepare.py", "--root", root, "--n-train", "160", "--n-eval", "12", "--n-text", "16",
-         "--vit-steps", "10", "--llm-steps", "60", "--seed", "0"])
+         "--vit-steps", "10", "--llm-steps", "60", "--llm-batch", "16", "--seed", "0"])
     return root / "world" / "manifest.json"
 
 

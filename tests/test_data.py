@@ -172,6 +172,17 @@ def test_image_goes_in_the_first_turn_only(sp_model_path):
         conversation_ids([("<image>\nq", "an <image> in the answer")], tok, "vicuna_v1", -200)
 
 
+def test_chat_without_the_system_prompt(sp_model_path):
+    """system="" (how prepare.py pretrains the world's LLM) drops exactly the system prompt's tokens."""
+    tok, _ = _tokenizers(sp_model_path)
+    for turns in ([("<image>\nWhat is it?", "A dog."), ("Sure?", "Yes.")], [("What is it?", "A dog.")]):
+        ids, labels = conversation_ids(turns, tok, "vicuna_v1", -200)
+        short, short_labels = conversation_ids(turns, tok, "vicuna_v1", -200, system="")
+        cut = len(tok.encode(SYSTEM + " USER:")) - len(tok.encode("USER:"))
+        assert short[:3] == [tok.bos_id] + tok.encode("USER:")[:2] and cut > 20
+        assert short[1:] == ids[1 + cut:] and short_labels[1:] == labels[1 + cut:]
+
+
 def test_continuation_ids_follow_an_eos(sp_model_path):
     tok, _ = _tokenizers(sp_model_path)
     first = prompt_ids([("<image>\nWhat is it?", None)], tok, 32000)

@@ -155,6 +155,9 @@ def test_train_tokenizer(tmp_path):
     assert tok.vocab_size == 350 and (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
     assert [tok.id_to_piece(i) for i in (0, 1, 2, 3, 258)] == ["<unk>", "<s>", "</s>", "<0x00>", "<0xFF>"]
     assert all("▁" not in tok.id_to_piece(i)[1:] for i in range(259, 350))  # "▁" only starts a piece
+    # punctuation and newlines stand alone as in Llama: "cone." is "▁cone" "." however often the corpus has it
+    assert all(not set(tok.id_to_piece(i)) & {".", "\n"} or len(tok.id_to_piece(i)) == 1 for i in range(259, 350))
+    assert [tok.id_to_piece(i) for i in tok.encode("the blue cone.")][-2:] == ["▁cone", "."]
     assert tok.encode("the red cube")[0] == tok.piece_to_id("▁the")
     for text in texts[:50] + CORPUS:
         assert tok.decode(tok.encode(text)) == text.replace("▁", " ")
