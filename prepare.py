@@ -218,7 +218,7 @@ def pretrain_vicuna(args, world_dir, out):
     import torch
     import torch.nn.functional as F
     from nanollava import world as W
-    from nanollava.data import IGNORE_INDEX, IMAGE, SYSTEM, conversation_ids
+    from nanollava.data import IGNORE_INDEX, IMAGE, SYSTEM, collate, conversation_ids
     from nanollava.llama import Llama, LlamaConfig
     from nanollava.tokenizer import train_tokenizer
     torch.manual_seed(args.seed)
@@ -236,9 +236,13 @@ def pretrain_vicuna(args, world_dir, out):
     tok.save(out)
     SLOT = tok.vocab_size  # where the image goes in the ids, as image_token_id will mark it in LLaVA
 
-    def doc(row, template):  # (ids, labels, the cells' word ids or None)
+    def doc(row, template):  # a dataset sample with SLOT expanded into 9 positions, and the cells' word ids
         ids, labels = conversation_ids(row["conversations"], tok, template, SLOT, system="")
-        return ids, labels, [tok.encode(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else None
+        cells = [tok.encode(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else []
+        if cells:
+            k = ids.index(SLOT)
+            ids, labels = ids[:k] + [SLOT] * 9 + ids[k + 1:], labels[:k] + [IGNORE_INDEX] * 9 + labels[k + 1:]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": None, "id": cells}
     docs = [doc(row, "vicuna_v1") for row in stage2] + [doc(row, "plain") for row in stage1]
     held = [doc({"image": q["image"], "conversations": [{"from": "human", "value": IMAGE + "\n" + q["text"]},
                                                          {"from": "gpt", "value": q["answer"]}]}, "vicuna_v1") for q in evals]
@@ -249,18 +253,9 @@ def pretrain_vicuna(args, world_dir, out):
                       max_position_embeddings=2048)
     llm = Llama(cfg)
 
-    def batch(chunk):  # right-padded embeddings (B, T, C) with each SLOT expanded into 9 cell vectors, and labels
-        ids, labels, cells = [], [], []
-        for i, lab, c in chunk:
-            if c is not None:
-                k = i.index(SLOT)
-                i, lab = i[:k] + [SLOT] * 9 + i[k + 1:], lab[:k] + [IGNORE_INDEX] * 9 + lab[k + 1:]
-                cells += c
-            ids.append(i)
-            labels.append(lab)
-        T = max(map(len, ids))
-        ids = torch.tensor([i + [0] * (T - len(i)) for i in ids])
-        labels = torch.tensor([lab + [IGNORE_INDEX] * (T - len(lab)) for lab in labels])
+    def batch(chunk):  # right-padded embeddings (B, T, C) with the cell vectors at the SLOT positions, and labels
+        b = collate(chunk, pad_id=0)
+        ids, cells = b["input_ids"], [c for cs in b["ids"] for c in cs]
         x = llm.embed_tokens(ids.masked_fill(ids == SLOT, 0))
         if cells:
             n = max(map(len, cells))
@@ -268,7 +263,7 @@ def pretrain_vicuna(args, world_dir, out):
             keep = (words >= 0).unsqueeze(-1).float()
             means = (llm.embed_tokens(words.clamp(min=0)) * keep).sum(1) / keep.sum(1)
             x = x.masked_scatter((ids == SLOT).unsqueeze(-1), means)
-        return x, labels
+        return x, b["labels"]
 
     opt = torch.optim.AdamW(llm.parameters(), lr=args.llm_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
