@@ -19,6 +19,7 @@ DIR/llava-1.5/manifest-7b.json.
     python prepare.py --recipe llava-1.5 --size 13b --root DIR --image-sets none   # only check and write the manifest
 """
 import argparse
+import functools
 import http.client
 import json
 import math
@@ -54,9 +55,10 @@ parser.add_argument("--vit-steps", type=int, default=500, help="vision tower pre
 parser.add_argument("--vit-batch", type=int, default=64, help="vision tower pretraining batch size (images)")
 parser.add_argument("--vit-lr", type=float, default=2e-3, help="vision tower pretraining peak learning rate")
 parser.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary (259 of it are <unk>, <s>, </s> and the byte fallback)")
-parser.add_argument("--llm-width", type=int, default=128, help="language model hidden size (intermediate is 8/3 x, heads of 32)")
+parser.add_argument("--llm-width", type=int, default=128, help="language model hidden size (intermediate is 8/3 x)")
 parser.add_argument("--llm-layers", type=int, default=2, help="language model layers")
-parser.add_argument("--llm-steps", type=int, default=300, help="language model pretraining steps (the world's chats and captions)")
+parser.add_argument("--llm-heads", type=int, default=8, help="language model attention heads")
+parser.add_argument("--llm-steps", type=int, default=800, help="language model pretraining steps (the world's questions and captions)")
 parser.add_argument("--llm-batch", type=int, default=64, help="language model pretraining batch size (chats or captions)")
 parser.add_argument("--llm-lr", type=float, default=3e-3, help="language model pretraining peak learning rate")
 # LLaVA-1.5
@@ -123,7 +125,7 @@ def build_world(args, out):
 
 def draw_png(scene, size, path):
     from nanollava.world import draw
-    draw(scene, size).save(path)
+    draw(scene, size).save(path, compress_level=1)  # fast: the world is rebuilt, not shipped
 
 
 def schedule(step, steps, lr, warmup=0.05):
@@ -208,13 +210,15 @@ def pretrain_clip(args, world_dir, out):
 
 
 def pretrain_vicuna(args, world_dir, out):
-    """A tiny Llama pretrained on the world's text: the stage 2 conversations (vicuna_v1 without the system
-    prompt, learned on the answers as Vicuna's chat tuning) and the stage 1 captions, each with the image
-    given the way the image tokens will give it: 9 positions, one per cell, each holding the mean of the
-    embeddings of the words that describe the cell (world.cell_words). So the model learns to answer from
-    9 vectors in the image's place, the skill stage 1 then hooks the projected image into (Vicuna brings it
-    from its own pretraining); without it stage 1 cannot lower its loss at all. The tokenizer is trained on
-    the same text, with Llama's id conventions. Scored on the held-out questions with their scenes in words."""
+    """A tiny Llama pretrained on the world's text: each stage 2 question as a chat of its own (vicuna_v1
+    without the system prompt, learned on the answer as Vicuna's chat tuning) and the stage 1 captions, each
+    with the image given the way the image tokens will give it: 9 positions, one per cell, each holding the
+    mean of the embeddings of the words that describe the cell (world.cell_words). So the model learns to
+    answer from 9 vectors in the image's place, the skill stage 1 then hooks the projected image into (Vicuna
+    brings it from its own pretraining); without it stage 1 cannot lower its loss at all. One question per
+    chat makes a step 4x cheaper than the multi-turn rows for the same gain per step; the detailed
+    descriptions are left out (3x longer, they would pad every batch). The tokenizer is trained on all the
+    world's text, with Llama's id conventions. Scored on the held-out questions with their scenes in words."""
     import torch
     import torch.nn.functional as F
     from nanollava import world as W
@@ -235,23 +239,33 @@ def pretrain_vicuna(args, world_dir, out):
     tok = train_tokenizer([chat(row) for row in stage2 + stage1], args.vocab_size)
     tok.save(out)
     SLOT = tok.vocab_size  # where the image goes in the ids, as image_token_id will mark it in LLaVA
+    words = functools.lru_cache(maxsize=None)(tok.encode)  # a cell's words recur across scenes and questions
 
     def doc(row, template):  # a dataset sample with SLOT expanded into 9 positions, and the cells' word ids
         ids, labels = conversation_ids(row["conversations"], tok, template, SLOT, system="")
-        cells = [tok.encode(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else []
+        cells = [words(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else []
         if cells:
             k = ids.index(SLOT)
             ids, labels = ids[:k] + [SLOT] * 9 + ids[k + 1:], labels[:k] + [IGNORE_INDEX] * 9 + labels[k + 1:]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": None, "id": cells}
-    docs = [doc(row, "vicuna_v1") for row in stage2] + [doc(row, "plain") for row in stage1]
+
+    def questions(row):  # a stage 2 row as one-question rows, the image in each
+        if "image" not in row:
+            return [row]
+        turns = [t["value"].replace(IMAGE + "\n", "") for t in row["conversations"]]
+        return [{"image": row["image"], "conversations": [{"from": "human", "value": IMAGE + "\n" + q},
+                                                           {"from": "gpt", "value": a}]} for q, a in zip(turns[::2], turns[1::2])]
+    docs = [doc(q, "vicuna_v1") for row in stage2 if not row["id"].endswith("-detail") for q in questions(row)]
+    docs += [doc(row, "plain") for row in stage1]
     held = [doc({"image": q["image"], "conversations": [{"from": "human", "value": IMAGE + "\n" + q["text"]},
                                                          {"from": "gpt", "value": q["answer"]}]}, "vicuna_v1") for q in evals]
 
     w = args.llm_width
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=w, intermediate_size=(8 * w // 3 + 63) // 64 * 64,
-                      num_hidden_layers=args.llm_layers, num_attention_heads=max(1, w // 32),
+                      num_hidden_layers=args.llm_layers, num_attention_heads=args.llm_heads,
                       max_position_embeddings=2048)
     llm = Llama(cfg)
+    llm.init_weights(std=0.06)  # Llama's 0.02 is for width 4096: at width 128 the questions stay at chance 2x longer
 
     def batch(chunk):  # right-padded embeddings (B, T, C) with the cell vectors at the SLOT positions, and labels
         b = collate(chunk, pad_id=0)
@@ -300,8 +314,8 @@ def prepare_world(args):
     world_cfg = {k: getattr(args, k) for k in ["seed", "image_size", "n_train", "n_eval", "eval_questions", "n_text"]}
     clip_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["patch_size", "vit_width", "vit_layers", "vit_heads",
                                                               "vit_steps", "vit_batch", "vit_lr"]}}
-    vicuna_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["vocab_size", "llm_width", "llm_layers", "llm_steps",
-                                                                "llm_batch", "llm_lr"]}}
+    vicuna_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["vocab_size", "llm_width", "llm_layers", "llm_heads",
+                                                                "llm_steps", "llm_batch", "llm_lr"]}}
     parts = [("world", out / ".done-world", world_cfg, lambda: build_world(args, out)),
              ("base/clip", out / "base/clip/.done", clip_cfg, lambda: pretrain_clip(args, out, out / "base/clip")),
              ("base/vicuna", out / "base/vicuna/.done", vicuna_cfg, lambda: pretrain_vicuna(args, out, out / "base/vicuna"))]
@@ -535,6 +549,9 @@ if __name__ == "__main__":
     if args.recipe == "world":
         if args.image_size % 3 or args.image_size % args.patch_size:
             sys.exit(f"--image-size {args.image_size} must be divisible by 3 and by --patch-size {args.patch_size}")
+        if args.llm_width % args.llm_heads or args.vit_width % args.vit_heads:
+            sys.exit(f"--llm-width {args.llm_width} and --vit-width {args.vit_width} must be divisible by their --llm-heads "
+                     f"{args.llm_heads} and --vit-heads {args.vit_heads}")
         prepare_world(args)
     else:
         prepare_llava(args)

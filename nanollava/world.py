@@ -104,7 +104,7 @@ def _polygon(kind, cx, cy, r):
 
 def draw(scene, size):
     """Render a scene as a size x size RGB image (size divisible by 3). Shapes are drawn 4x larger and
-    downsampled, for smooth edges."""
+    averaged down, for smooth edges."""
     assert size % 3 == 0, f"image size {size} must be divisible by 3 (a 3x3 grid of cells)"
     noise = np.random.default_rng(scene.noise_seed)
     c0, c1 = np.array(scene.bg, dtype=np.float32)
@@ -132,7 +132,7 @@ def draw(scene, size):
                 pen.ellipse([(cx - h) * k, (cy - h) * k, (cx + h) * k, (cy + h) * k], fill=(0, 0, 0, 0))
         else:
             pen.polygon(poly, fill=s.rgb + (255,))
-    layer = layer.resize((size, size), Image.LANCZOS)
+    layer = layer.reduce(k)  # the mean of each k x k block: antialiased edges
     return Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a world small enough to build in seconds; every flag that shapes it, so the fixture and the tests agree
 SMALL = dict(seed=7, image_size=48, patch_size=16, n_train=48, n_eval=12, eval_questions=2, n_text=8,
              vit_width=32, vit_layers=2, vit_heads=2, vit_steps=3, vit_batch=8, vit_lr=2e-3,
-             vocab_size=400, llm_width=64, llm_layers=1, llm_steps=3, llm_batch=4, llm_lr=3e-3)
+             vocab_size=400, llm_width=64, llm_layers=1, llm_heads=2, llm_steps=3, llm_batch=4, llm_lr=3e-3)
 
 
 def run_prepare(root, **flags):
@@ -263,3 +263,11 @@ def test_no_network_fails_in_one_sentence(tmp_path):
     expect = "cannot download" if importlib.util.find_spec("huggingface_hub") else "pip install huggingface_hub"
     assert r.stderr.strip().count("\n") == 0 and expect in r.stderr, r.stderr
     assert not list((tmp_path / "llava-1.5").rglob(".*.complete"))
+
+
+@pytest.mark.parametrize("flags, name", [(["--image-size", "50"], "--image-size"), (["--llm-heads", "3"], "--llm-heads")])
+def test_shapes_that_cannot_be_built_fail_in_one_sentence(tmp_path, flags, name):
+    r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--root", str(tmp_path), *flags],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert name in r.stderr and not (tmp_path / "world").exists()
