@@ -239,11 +239,11 @@ def pretrain_vicuna(args, world_dir, out):
     tok = train_tokenizer([chat(row) for row in stage2 + stage1], args.vocab_size)
     tok.save(out)
     SLOT = tok.vocab_size  # where the image goes in the ids, as image_token_id will mark it in LLaVA
-    words = functools.lru_cache(maxsize=None)(tok.encode)  # a cell's words recur across scenes and questions
+    cell_ids = functools.lru_cache(maxsize=None)(tok.encode)  # a cell's words recur across scenes and questions
 
     def doc(row, template):  # a dataset sample with SLOT expanded into 9 positions, and the cells' word ids
         ids, labels = conversation_ids(row["conversations"], tok, template, SLOT, system="")
-        cells = [words(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else []
+        cells = [cell_ids(w) for w in W.cell_words(scenes[row["image"]])] if "image" in row else []
         if cells:
             k = ids.index(SLOT)
             ids, labels = ids[:k] + [SLOT] * 9 + ids[k + 1:], labels[:k] + [IGNORE_INDEX] * 9 + labels[k + 1:]

@@ -323,8 +323,9 @@ def train_tokenizer(texts, vocab_size):
     Layout as in Llama's tokenizer.model: <unk>, <s>, </s>; <0x00>..<0xFF>; merged pieces in the order they
     were learned (score = -rank); then the single characters. Training splits words at spaces ("▁" starts a
     piece, never sits inside one); digits, punctuation and newlines stand alone, so "circle?" is "▁circle" "?"
-    as Llama has it (on a small corpus BPE would otherwise learn "circle?" as a piece of its own). The result goes through the same
-    scores -> merges path as a loaded tokenizer.model, so save_sentencepiece + load_tokenizer gives it back.
+    as Llama has it (on a small corpus BPE would otherwise learn "circle?" as a piece of its own). The result
+    goes through the same scores -> merges path as a loaded tokenizer.model, so save_sentencepiece +
+    load_tokenizer gives it back.
     vocab_size is an upper bound: a small corpus can run out of pairs to merge first.
     """
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
