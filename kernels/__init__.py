@@ -11,6 +11,7 @@ If triton fails to import, "auto" quietly uses PyTorch and `use("triton")` raise
 Note: `kernels.attention` is the function below, which shadows the submodule of the same
 name; reach the module with `from kernels.attention import ...`.
 """
+import torch
 import torch.nn.functional as F
 
 from .attention import HAS_TRITON, attention_ref, flash_attention
@@ -50,7 +51,11 @@ def attention(q, k, v, causal: bool, mask=None):
 
 
 def norm(x, weight, eps):
-    """LlamaRMSNorm over the last dim: Triton's rms_norm when the backend allows it, else rms_norm_ref."""
+    """LlamaRMSNorm over the last dim: Triton's rms_norm when the backend allows it, else PyTorch: in fp32
+    its fused F.rms_norm (the same math in one op, which matters when decoding one token), else rms_norm_ref,
+    whose casts round as transformers' do."""
     if _triton(x):
         return rms_norm(x, weight, eps)
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     return rms_norm_ref(x, weight, eps)

@@ -10,6 +10,7 @@ is `layers.0.self_attn.q_proj` here). Notable:
 - A static KV cache for generation; positions and a padding mask make left-padded batches and
   multi-turn chat on one cache work.
 """
+import functools
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -62,17 +63,25 @@ class RMSNorm(nn.Module):
         return kernels.norm(x, self.weight, self.eps)  # fused Triton kernel on GPU, PyTorch reference elsewhere
 
 
-def rope(positions, head_dim, theta, dtype):
-    """cos, sin of shape (B, 1, T, hs) for integer positions (B, T); fp32 math as in transformers."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hs/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+@functools.lru_cache(maxsize=8)
+def rope_table(head_dim, theta, length, device):
+    """cos, sin (length, hs) for positions 0..length-1, fp32 math as in transformers, computed once.
+    sin carries rotate_half's sign (minus on its first half), so apply_rope needs no negation."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim)
+    freqs = torch.arange(length, device=device).float()[:, None] * inv_freq  # (length, hs/2)
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+
+
+def rope(positions, head_dim, theta, length, dtype):
+    """cos, sin of shape (B, 1, T, hs) for integer positions (B, T), looked up in rope_table."""
+    cos, sin = rope_table(head_dim, theta, length, positions.device)
+    return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate_half layout
+    """x * cos + rotate_half(x) * sin, Hugging Face's layout: rotate_half(x) = (-x2, x1) for the halves
+    x1, x2 of a head; the roll gives (x2, x1) and the sign is in sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -84,7 +93,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.max_len, self.len = max_len, 0
+        self.max_len, self.len, self.padded = max_len, 0, False  # padded: some mask entry is False
 
 
 class Attention(nn.Module):
@@ -176,7 +185,8 @@ class Llama(nn.Module):
                 raise ValueError(f"{start + T} tokens exceed the KV cache of {cache.max_len}")
             if attention_mask is not None:
                 cache.mask[:, start:start + T] = attention_mask.bool()
-            key_mask = cache.mask[:, :start + T] if not cache.mask[:, :start + T].all() else None
+                cache.padded = cache.padded or not attention_mask.bool().all()
+            key_mask = cache.mask[:, :start + T] if cache.padded else None
         else:
             key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
         if key_mask is None:
@@ -184,7 +194,9 @@ class Llama(nn.Module):
         else:  # a token's position counts the real tokens before it, so left padding shifts nothing
             positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
         mask = attention_mask_for(T, start, key_mask, x.device)
-        cos, sin = rope(positions, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta, x.dtype)
+        cfg = self.config
+        cos, sin = rope(positions, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
+                        max(cfg.max_position_embeddings, start + T), x.dtype)
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
