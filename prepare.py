@@ -249,16 +249,17 @@ def pretrain_vicuna(args, world_dir, out):
             ids, labels = ids[:k] + [SLOT] * 9 + ids[k + 1:], labels[:k] + [IGNORE_INDEX] * 9 + labels[k + 1:]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": None, "id": cells}
 
+    def asked(image, q, a):  # one question about an image, as a row
+        return {"image": image, "conversations": [{"from": "human", "value": IMAGE + "\n" + q}, {"from": "gpt", "value": a}]}
+
     def questions(row):  # a stage 2 row as one-question rows, the image in each
         if "image" not in row:
             return [row]
         turns = [t["value"].replace(IMAGE + "\n", "") for t in row["conversations"]]
-        return [{"image": row["image"], "conversations": [{"from": "human", "value": IMAGE + "\n" + q},
-                                                           {"from": "gpt", "value": a}]} for q, a in zip(turns[::2], turns[1::2])]
+        return [asked(row["image"], q, a) for q, a in zip(turns[::2], turns[1::2])]
     docs = [doc(q, "vicuna_v1") for row in stage2 if not row["id"].endswith("-detail") for q in questions(row)]
     docs += [doc(row, "plain") for row in stage1]
-    held = [doc({"image": q["image"], "conversations": [{"from": "human", "value": IMAGE + "\n" + q["text"]},
-                                                         {"from": "gpt", "value": q["answer"]}]}, "vicuna_v1") for q in evals]
+    held = [doc(asked(q["image"], q["text"], q["answer"]), "vicuna_v1") for q in evals]
 
     w = args.llm_width
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=w, intermediate_size=(8 * w // 3 + 63) // 64 * 64,

@@ -180,15 +180,16 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = cache.len if cache is not None else 0
+        padded = attention_mask is not None and not attention_mask.bool().all()
         if cache is not None:
             if start + T > cache.max_len:
                 raise ValueError(f"{start + T} tokens exceed the KV cache of {cache.max_len}")
             if attention_mask is not None:
                 cache.mask[:, start:start + T] = attention_mask.bool()
-                cache.padded = cache.padded or not attention_mask.bool().all()
+            cache.padded = cache.padded or padded
             key_mask = cache.mask[:, :start + T] if cache.padded else None
         else:
-            key_mask = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
+            key_mask = attention_mask.bool() if padded else None
         if key_mask is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         else:  # a token's position counts the real tokens before it, so left padding shifts nothing
