@@ -12,6 +12,7 @@ From a scene this module writes what LLaVA-1.5 trains on:
 Everything is a pure function of a random.Random, so a seed fixes the world.
 See it: python -m nanollava.world (writes world.png, eight scenes with their captions).
 """
+import math
 import random
 from dataclasses import dataclass
 
@@ -22,9 +23,11 @@ from nanollava.data import SHORT_ANSWER
 
 SHORT = "\n" + SHORT_ANSWER  # as the official VQA rows append it
 
-POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-WHERE = ["at the top left", "at the top", "at the top right", "on the left", "in the center", "on the right",
-         "at the bottom left", "at the bottom", "at the bottom right"]  # the phrase used inside sentences
+# A cell is named by its row and its column, as a 9-point anchor ("middle center" is the middle): every name is
+# two words and no name is a word of another, so a position is found by matching both ("top" alone would also
+# half-match "top left" and "top right").
+POSITIONS = [f"{row} {col}" for row in ["top", "middle", "bottom"] for col in ["left", "center", "right"]]
+WHERE = [f"at the {p}" for p in POSITIONS]  # the phrase used inside sentences
 KINDS = ["circle", "square", "triangle", "star", "cross", "ring"]
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -55,6 +58,9 @@ class Scene:
     shapes: list
     noise_seed: int
 
+    def asdict(self):  # dataclasses.asdict, without its deep copies (15,000 scenes)
+        return {**vars(self), "shapes": [vars(s) for s in self.shapes]}
+
     def key(self):  # what an image shows, ignoring jitter: used to keep evaluation scenes out of training
         return tuple(sorted((s.cell, s.kind, s.color, s.size) for s in self.shapes))
 
@@ -69,7 +75,7 @@ def sample_scene(rng):
     c0 = tint()
     c1 = tint() if style == "gradient" else c0
     # keep a colour only if it is far (in RGB) from both ends of the background
-    usable = [c for c in COLOR_NAMES if min(np.linalg.norm(np.subtract(COLORS[c], b)) for b in (c0, c1)) > 110]
+    usable = [c for c in COLOR_NAMES if min(math.dist(COLORS[c], b) for b in (c0, c1)) > 110]
     n = rng.randint(1, 4)
     cells = rng.sample(range(9), n)
     pairs = rng.sample([(k, c) for k in KINDS for c in usable], n)  # (kind, colour) pairs are unique in a scene
@@ -186,9 +192,49 @@ def describe(scene, rng):
 
 def cell_words(scene):
     """Each of the 9 cells in words, raster order, with the background ("top left small red circle dark",
-    "top nothing dark"): what the language model reads in place of the 9 image tokens while it pretrains."""
+    "top center no shape here dark"): what the language model reads in place of the 9 image tokens while it
+    pretrains. Empty cells take as many words as full ones, so that a cell's position words weigh the same in
+    every cell's mean embedding."""
     there = {s.cell: f"{s.size} {s.color} {s.kind}" for s in scene.shapes}
-    return [f"{POSITIONS[c]} {there.get(c, 'nothing')} {scene.tone}" for c in range(9)]
+    return [f"{POSITIONS[c]} {there.get(c, 'no shape here')} {scene.tone}" for c in range(9)]
+
+
+def facts(scene, rng, n=8):
+    """The scene as terse text, each statement a key and then what it determines, in random order:
+    "middle center square. red circle small. is there a blue star? no. how many shapes? 3." prepare.py
+    pretrains the language model on it (after the scene given as cell_words), as web text teaches a language
+    model which words go together. Every attribute follows every other one somewhere, so each look-up the
+    questions need is learned where its key sits right before the answer: n statements about the shapes,
+    then counts, presence and an empty cell."""
+    shapes, yn = scene.shapes, lambda b: "yes" if b else "no"
+    kinds, colors, cells = [s.kind for s in shapes], [s.color for s in shapes], [s.cell for s in shapes]
+    out = []
+    for _ in range(n):
+        s = rng.choice(shapes)
+        value = {"color": s.color, "kind": s.kind, "where": POSITIONS[s.cell], "size": s.size}
+        keys = {"where": ["where"], "color kind": ["color", "kind"]}  # a key names the shape and what it uses up
+        if kinds.count(s.kind) == 1:
+            keys["kind"] = ["kind"]
+        if colors.count(s.color) == 1:
+            keys["color"] = ["color"]
+        key = rng.choice(list(keys))
+        what = rng.choice([v for v in value if v not in keys[key]])
+        out.append(" ".join(value[k] for k in keys[key]) + f" {value[what]}.")
+    c, k = rng.choice(COLOR_NAMES), rng.choice(KINDS)
+    out.append(rng.choice([f"how many {c} shapes? {colors.count(c)}.", f"how many {_plural(k, 2)}? {kinds.count(k)}."]))
+    out.append(f"how many shapes? {len(shapes)}.")
+    s = rng.choice(shapes)
+    c, k = (s.color, s.kind) if rng.random() < 0.5 else (rng.choice(COLOR_NAMES), rng.choice(KINDS))
+    out.append(f"is there {_a(c)} {k}? {yn((c, k) in zip(colors, kinds))}.")
+    k = rng.choice(KINDS)
+    out.append(f"is there {_a(k)}? {yn(k in kinds)}.")
+    cell = rng.randrange(9)
+    out.append(f"is there a shape {WHERE[cell]}? {yn(cell in cells)}.")
+    empty = [c for c in range(9) if c not in cells]
+    if empty:
+        out.append(f"{POSITIONS[rng.choice(empty)]} nothing.")
+    rng.shuffle(out)
+    return " ".join(out)
 
 
 def question(scene, rng, qtype):
