@@ -140,7 +140,7 @@ def pretrain_clip(args, world_dir, out):
     """A tiny CLIP vision tower, pretrained to predict from each patch's layer -2 feature (what LLaVA feeds
     the projector) the shape in the patch's cell (kind or empty, colour, size), the background tone and
     the cell itself. Without the cell head the features hold almost no position (a linear probe finds the
-    cell 26% of the time) and the LLM cannot tell "the shape at the top left" from the others; at full
+    cell 26% of the time) and the LLM cannot tell "the shape in the northwest" from the others; at full
     weight it slows the kind head down. Images go through load_image, the preprocessing LLaVA applies later."""
     import torch
     import torch.nn as nn

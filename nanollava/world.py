@@ -23,11 +23,11 @@ from nanollava.data import SHORT_ANSWER
 
 SHORT = "\n" + SHORT_ANSWER  # as the official VQA rows append it
 
-# A cell is named by its row and its column, as a 9-point anchor ("middle center" is the middle): every name is
-# two words and no name is a word of another, so a position is found by matching both ("top" alone would also
-# half-match "top left" and "top right").
-POSITIONS = [f"{row} {col}" for row in ["top", "middle", "bottom"] for col in ["left", "center", "right"]]
-WHERE = [f"at the {p}" for p in POSITIONS]  # the phrase used inside sentences
+# The cells are named as on a map, one word each, so that a question finds a cell by one word as it finds a
+# colour ("top left" took two words, each also matching two other cells, and the language model matched them
+# about half as often as it matched a colour).
+POSITIONS = ["northwest", "north", "northeast", "west", "center", "east", "southwest", "south", "southeast"]
+WHERE = [f"in the {p}" for p in POSITIONS]  # the phrase used inside sentences
 KINDS = ["circle", "square", "triangle", "star", "cross", "ring"]
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -191,8 +191,8 @@ def describe(scene, rng):
 
 
 def cell_words(scene):
-    """Each of the 9 cells in words, raster order, with the background ("top left small red circle dark",
-    "top center no shape here dark"): what the language model reads in place of the 9 image tokens while it
+    """Each of the 9 cells in words, raster order, with the background ("northwest small red circle dark",
+    "north no shape here dark"): what the language model reads in place of the 9 image tokens while it
     pretrains. Empty cells take as many words as full ones, so that a cell's position words weigh the same in
     every cell's mean embedding."""
     there = {s.cell: f"{s.size} {s.color} {s.kind}" for s in scene.shapes}
@@ -201,7 +201,7 @@ def cell_words(scene):
 
 def facts(scene, rng, n=8):
     """The scene as terse text, each statement a key and then what it determines, in random order:
-    "middle center square. red circle small. is there a blue star? no. how many shapes? 3." prepare.py
+    "center square. red circle small. is there a blue star? no. how many shapes? 3." prepare.py
     pretrains the language model on it (after the scene given as cell_words), as web text teaches a language
     model which words go together. Every attribute follows every other one somewhere, so each look-up the
     questions need is learned where its key sits right before the answer: n statements about the shapes,
