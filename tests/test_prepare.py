@@ -271,3 +271,46 @@ def test_shapes_that_cannot_be_built_fail_in_one_sentence(tmp_path, flags, name)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert name in r.stderr and not (tmp_path / "world").exists()
+
+
+def test_facts_are_true_of_their_scene():
+    """Every statement of world.facts, read back word by word, holds in its scene; a key names one shape."""
+    import random
+    from nanollava import world as W
+    attribute = {**{c: "color" for c in W.COLOR_NAMES}, **{k: "kind" for k in W.KINDS}, **{s: "size" for s in W.SIZES},
+                 **{p: "where" for p in W.POSITIONS}}
+    plural = {W._plural(k, 2): k for k in W.KINDS}
+    rng, seen = random.Random(0), set()
+    for _ in range(300):
+        scene = W.sample_scene(rng)
+        shapes = [{"color": s.color, "kind": s.kind, "size": s.size, "where": W.POSITIONS[s.cell]} for s in scene.shapes]
+        has = lambda **want: [s for s in shapes if all(s[k] == v for k, v in want.items())]
+        for fact in W.facts(scene, rng).split(". "):
+            words = fact.rstrip(".").replace("?", "").split()
+            if words[:2] == ["how", "many"]:
+                seen.add("count")
+                n = int(words[-1])
+                if words[2] == "shapes":
+                    assert n == len(shapes), fact
+                elif words[2] in plural:
+                    assert n == len(has(kind=plural[words[2]])), fact
+                else:
+                    assert n == len(has(color=words[2])), fact
+            elif words[:2] == ["is", "there"]:
+                seen.add("presence")
+                thing, answer = words[3:-1], words[-1]
+                if thing[:2] == ["shape", "in"]:
+                    found = has(where=thing[-1])
+                else:
+                    found = has(**{attribute[w]: w for w in thing})
+                assert answer == ("yes" if found else "no"), fact
+            elif words[-1] == "nothing":
+                seen.add("empty")
+                assert words[0] in W.POSITIONS and not has(where=words[0]), fact
+            else:
+                seen.add("look-up")
+                *key, value = words
+                match = has(**{attribute[w]: w for w in key})
+                assert len(match) == 1 and match[0][attribute[value]] == value, fact
+                assert attribute[value] not in {attribute[w] for w in key}, fact
+    assert seen == {"count", "presence", "empty", "look-up"}
