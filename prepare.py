@@ -218,9 +218,9 @@ def pretrain_vicuna(args, world_dir, out):
     its own (vicuna_v1 without the system prompt, learned on the answer as Vicuna's chat tuning), and the
     stage 1 captions; the other half is each training scene's facts (world.facts, learned on every token),
     where each look-up is learned next to its key: without them the held-out questions reached 0.57 from
-    words, with them 0.80 (the README has the runs). The detailed descriptions are left out (3x longer, they would pad every batch).
-    The tokenizer is trained on all the world's text, with Llama's id conventions. Scored on the held-out
-    questions with their scenes in words."""
+    words, with them 0.80 (the README has the runs). The detailed descriptions are left out (3x longer, they
+    would pad every batch). The tokenizer is trained on all the world's text, with Llama's id conventions.
+    Scored on the held-out questions with their scenes in words."""
     import torch
     import torch.nn.functional as F
     from nanollava import world as W
@@ -264,8 +264,7 @@ def pretrain_vicuna(args, world_dir, out):
     rows = [(q, "vicuna_v1") for row in stage2 if not row["id"].endswith("-detail") for q in questions(row)]
     rows += [(row, "plain") for row in stage1]
     chats = range(len(rows))  # the chats and captions, then the facts
-    rows += [({"image": image, "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": text}]},
-              "plain") for image, text in fact_texts]
+    rows += [(asked(image, "", text), "plain") for image, text in fact_texts]  # plain: the image, then the text
     facts = range(len(chats), len(rows))
     built = functools.lru_cache(maxsize=None)(lambda i: doc(*rows[i]))  # only the rows a batch draws are tokenized
     held = [doc(asked(q["image"], q["text"], q["answer"]), "vicuna_v1") for q in evals]

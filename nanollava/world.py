@@ -230,7 +230,7 @@ def facts(scene, rng, n=8):
     out.append(f"is there {_a(k)}? {yn(k in kinds)}.")
     cell = rng.randrange(9)
     out.append(f"is there a shape {WHERE[cell]}? {yn(cell in cells)}.")
-    empty = [c for c in range(9) if c not in cells]
+    empty = [i for i in range(9) if i not in cells]
     if empty:
         out.append(f"{POSITIONS[rng.choice(empty)]} nothing.")
     rng.shuffle(out)
