@@ -8,13 +8,12 @@ PyTorch by the rule below. Scripts choose with `kernels.use("triton" | "torch" |
 everywhere (on the CPU only under TRITON_INTERPRET=1, as the tests do); "torch" never.
 If triton fails to import, "auto" quietly uses PyTorch and `use("triton")` raises.
 
-Note: `kernels.attention` is the function below, which shadows the submodule of the same
-name; reach the module with `from kernels.attention import ...`.
+The FlashAttention-2 kernels live in `kernels/flash.py`, RMSNorm's in `kernels/rmsnorm.py`.
 """
 import torch
 import torch.nn.functional as F
 
-from .attention import HAS_TRITON, attention_ref, flash_attention
+from .flash import HAS_TRITON, attention_ref, flash_attention
 from .rmsnorm import rms_norm, rms_norm_ref
 
 BACKEND = "auto"  # "auto" | "triton" | "torch"

@@ -130,7 +130,7 @@ def main():
     if not torch.cuda.is_available():
         print("kernels.bench: no CUDA GPU here, nothing to measure (CPU tests: pytest tests/test_kernels.py)")
         return 0
-    from kernels.attention import INTERPRET
+    from kernels.flash import INTERPRET
     if INTERPRET:
         print("kernels.bench: TRITON_INTERPRET=1 is set; unset it to measure the compiled kernels")
         return 1

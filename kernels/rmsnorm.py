@@ -21,7 +21,7 @@ registers; the partials land in an (n_programs, N) fp32 buffer that one `sum(0)`
 """
 import torch
 
-from .attention import HAS_TRITON, INTERPRET, tl, triton  # triton, or a stand-in when it fails to import
+from .flash import HAS_TRITON, INTERPRET, tl, triton  # triton, or a stand-in when it fails to import
 
 MAX_N = 8192  # a whole row lives in registers
 

@@ -16,7 +16,7 @@ import torch
 
 import kernels
 from kernels import attention_ref, flash_attention, rms_norm, rms_norm_ref
-from kernels.attention import INTERPRET
+from kernels.flash import INTERPRET
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -218,7 +218,7 @@ def test_imports_and_falls_back_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch, kernels\n"
-        "from kernels.attention import HAS_TRITON; assert not HAS_TRITON\n"
+        "from kernels.flash import HAS_TRITON; assert not HAS_TRITON\n"
         "q = torch.randn(1, 2, 5, 16)\n"
         "o = kernels.attention(q, q, q, causal=True)\n"
         "y = kernels.norm(torch.randn(3, 8), torch.ones(8), 1e-5)\n"
