@@ -132,9 +132,7 @@ class LLaVA(nn.Module):
         """input_ids (B, T) with one image_token_id per image, pixel_values (N, 3, S, S) in placeholder order.
         Returns logits (B, T', vocab) over the expanded sequence, or with labels (B, T) (-100 = no loss)
         the next-token cross-entropy over supervised tokens ('mean' or 'sum')."""
-        x, mask, labels = self.embed(input_ids, pixel_values, attention_mask, labels)
-        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            mask = None  # right padding only: causal attention never lets a real token see it
+        x, mask, labels = self.embed(input_ids, pixel_values, attention_mask, labels)  # llama.attention_plan reads mask
         if labels is None:
             return self.language_model(inputs_embeds=x, attention_mask=mask)
         targets = labels[:, 1:]

@@ -76,7 +76,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = kernels.attention(q, k, v, causal=False)  # every token sees every token; scale hs^-0.5
+        y = kernels.attention(q, k, v, None)  # mask None: every token sees every token; scale hs^-0.5
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
