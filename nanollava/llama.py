@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from nanollava.checkpoint import load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.checkpoint import draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
 
 
 @dataclass
@@ -51,6 +51,10 @@ class LlamaConfig:
 PRESETS = {
     "vicuna-7b": LlamaConfig(),
     "vicuna-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # the offline world's stand-in, as prepare.py's defaults build it (its own 1024-piece tokenizer; 384 = 8/3 x 128
+    # rounded up to a multiple of 64)
+    "world": LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=8, max_position_embeddings=2048),
 }
 
 
@@ -160,12 +164,20 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block's activations in backward (train.py --grad-checkpointing)
-        self.init_weights()
+        self.drew_defaults = not self.lm_head.weight.is_meta  # built on a real device: the modules drew their default init
+        if self.drew_defaults:  # on the meta device (loading, or from_scratch) nothing is drawn until init_weights
+            self.init_weights()
 
+    @torch.no_grad()
     def init_weights(self, std=0.02):
-        """Llama's init (normal 0.02, norms at one) for a model trained from scratch; from_pretrained overwrites it."""
-        if self.lm_head.weight.is_meta:
-            return  # built on the meta device to be loaded: nothing to init (and init on meta is slow to import)
+        """All of the model's init, for a model trained from scratch (the world's stand-in); from_pretrained
+        overwrites it. After a meta build (checkpoint.from_scratch) it first draws PyTorch's default init
+        (checkpoint.draw_default_init), once, so a seed gives the same weights however the model was built.
+        Then, from the global RNG in module order: every Linear and Embedding weight normal(0, std), RMSNorms
+        one: Llama's init (initializer_range 0.02, meant for width 4096; the world's stand-in uses 0.06)."""
+        if not self.drew_defaults:
+            draw_default_init(self)
+            self.drew_defaults = True
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
