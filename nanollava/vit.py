@@ -18,9 +18,7 @@ import torch.nn as nn
 
 import kernels
 from nanollava.checkpoint import CheckpointError, draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from nanollava.data import CLIP_MEAN, CLIP_STD  # preprocessing's, so data.py owns them (it never imports the models)
 
 
 @dataclass
