@@ -264,8 +264,8 @@ def attention_plan(B, T, attention_mask, cache, device):
         positions = torch.arange(start, start + T, device=device).expand(B, T)
         return Plan(positions, "causal" if start == 0 else None if T == 1 else causal_mask(T, start, device))
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-    q, k = torch.arange(start, start + T, device=device)[:, None], torch.arange(start + T, device=device)[None, :]
-    return Plan(positions, (causal_mask(T, start, device) & key_mask[:, None, None, :]) | (k == q))
+    itself = torch.arange(start, start + T, device=device)[:, None] == torch.arange(start + T, device=device)  # (T, start + T)
+    return Plan(positions, (causal_mask(T, start, device) & key_mask[:, None, None, :]) | itself)
 
 
 def causal_mask(T, start, device):
