@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 import kernels
 from nanollava import LLaVA
 from nanollava.data import LLaVADataset, batch_indices, collate
+from nanollava.schedule import cosine_lr
 from nanollava.tokenizer import load_tokenizer
 
 # per stage (1, 2): learning rate, global batch, epochs, micro-batch per device; then what both stages share
@@ -157,10 +158,7 @@ def shard(model, device, compile):
 
 def lr_at(step, total, peak, warmup_ratio):
     """Linear warmup over ceil(warmup_ratio * total) steps, then cosine to zero (transformers' cosine schedule)."""
-    warmup = math.ceil(warmup_ratio * total)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return cosine_lr(step, total, peak, warmup=math.ceil(warmup_ratio * total))
 
 
 def all_sum(*xs):
