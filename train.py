@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 import kernels
 from nanollava import LLaVA
 from nanollava.data import LLaVADataset, batch_indices, collate
+from nanollava.llava import expand_image_tokens
 from nanollava.schedule import cosine_lr
 from nanollava.tokenizer import load_tokenizer
 
@@ -405,12 +406,9 @@ def bench(args):
     ds = LLaVADataset(where(manifest["stage2"]["data"]), where(manifest["stage2"]["image_root"]), tok, "vicuna_v1",
                       ours.image_token_id, image_size=S, image_seq_len=P)
     b = collate([ds[i] for i in range(args.micro_batch or 16)], tok.pad_id)
-    rows = []  # transformers wants each <image> already repeated P times
-    for ids, lab, m in zip(b["input_ids"].tolist(), b["labels"].tolist(), b["attention_mask"].tolist()):
-        rows.append([(t, l, k) for t, l, k in zip(ids, lab, m) for _ in range(P if t == ours.image_token_id else 1)])
-    T = max(map(len, rows))
-    pad = lambda r, i, v: [x[i] for x in r] + [v] * (T - len(r))
-    hf_ids, hf_labels, hf_mask = (torch.tensor([pad(r, i, v) for r in rows]) for i, v in ((0, tok.pad_id), (1, -100), (2, 0)))
+    # transformers wants each <image> already repeated P times
+    hf_ids, hf_mask, hf_labels, _ = expand_image_tokens(b["input_ids"], ours.image_token_id, P, b["attention_mask"],
+                                                        b["labels"], pad_id=tok.pad_id)
     steps = {"nanollava": lambda: ours(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"]),
              "transformers": lambda: theirs(input_ids=hf_ids, pixel_values=b["pixel_values"], attention_mask=hf_mask, labels=hf_labels).loss}
     opts, times = {}, {"nanollava": 0.0, "transformers": 0.0}
