@@ -45,6 +45,7 @@ from nanollava import LLaVA
 from nanollava.data import LLaVADataset, batch_indices, collate
 from nanollava.llava import expand_image_tokens
 from nanollava.recipes import RECIPES, Recipe
+from nanollava.schedule import cosine_lr
 from nanollava.tokenizer import load_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,10 +210,7 @@ def optimizer(model, recipe, hp):
 
 def lr_at(step, total, peak, warmup_ratio):
     """Linear warmup over ceil(warmup_ratio * total) steps, then cosine to zero (transformers' cosine schedule)."""
-    warmup = math.ceil(warmup_ratio * total)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return cosine_lr(step, total, peak, warmup=math.ceil(warmup_ratio * total))
 
 
 def all_sum(*xs):

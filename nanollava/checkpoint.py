@@ -36,9 +36,10 @@ def read_json(path):
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
-def write_json(obj, path):
+def write_json(obj, path, indent=2):
+    """obj as JSON at path, whole or not at all: written to path.tmp, then renamed over path."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
 
 
