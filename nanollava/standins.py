@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollava import world as W
+from nanollava.checkpoint import from_scratch
 from nanollava.data import IGNORE_INDEX, IMAGE, SYSTEM, collate, conversation_ids, load_image
 from nanollava.llama import Llama, LlamaConfig
 from nanollava.schedule import cosine_lr
@@ -103,7 +104,7 @@ def pretrain_clip(world_dir, out, *, seed, image_size, patch_size, width, layers
     S, P = image_size, patch_size
     cfg = ViTConfig(image_size=S, patch_size=P, hidden_size=width, intermediate_size=4 * width,
                     num_hidden_layers=layers, num_attention_heads=heads)
-    vit = ViT(cfg)
+    vit = from_scratch(ViT, cfg)  # built on meta, materialised, initialised: the weights of ViT(cfg)
     g = S // P  # patch grid; patch (i, j) lies in cell (3i // g, 3j // g)
     cell_of = torch.tensor([(3 * i // g) * 3 + 3 * j // g for i in range(g) for j in range(g)])
     scenes = read_scenes(world_dir)
@@ -244,7 +245,7 @@ def pretrain_vicuna(world_dir, out, *, seed, vocab_size, width, layers, heads, s
 
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
                       num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=2048)
-    llm = Llama(cfg)
+    llm = from_scratch(Llama, cfg)
     llm.init_weights(std=0.06)  # Llama's 0.02 is for width 4096: at width 128 the questions stay at chance 2x longer
     n_facts = batch // 2
 
