@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import kernels
 from nanollava import LLaVA
-from nanollava.checkpoint import CheckpointError
+from nanollava.checkpoint import CheckpointError, read_safetensors, write_safetensors
 from nanollava.cli import Parser, UserError, checked, lock_dir, one_sentence
 from nanollava.data import DataError, LLaVADataset, batch_indices, collate
 from nanollava.fsdp import all_sum, clip_grad_norm, load_checkpoint, save_checkpoint, shard, trim_log
@@ -168,7 +167,7 @@ def build(run, stage):
         projector = run.out / "stage1" / "projector.safetensors"
         if not projector.is_file():
             raise UserError(f"stage 2 starts from stage 1's projector, and {projector} does not exist: run --stage 1 first")
-        model.multi_modal_projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in load_file(projector).items()})
+        model.multi_modal_projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in read_safetensors(projector)})
     assert (run.tok.image_id, run.tok.pad_id) == (model.image_token_id, model.config.pad_token_id), "tokenizer and model disagree on <image>/<pad>"
     model.requires_grad_(False)
     trainable = [model.multi_modal_projector] + ([model.language_model] if stage == 2 else [])
@@ -345,13 +344,17 @@ def export(stage, model, tok, final, rank):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if stage == 1:
-            save_file({k: v.contiguous() for k, v in full.items() if k.startswith("multi_modal_projector.")}, tmp)
-        else:
-            model.save_pretrained(tmp, state_dict={k: v.float() for k, v in full.items()})
-            tok.save(tmp)
-        os.replace(tmp, final)
+        try:
+            if stage == 1:
+                write_safetensors({k: v.contiguous() for k, v in full.items() if k.startswith("multi_modal_projector.")}, final)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(tmp, state_dict={k: v.float() for k, v in full.items()})
+                tok.save(tmp)
+                os.replace(tmp, final)
+        except OSError as e:
+            raise CheckpointError(f"could not write {e.filename or tmp} ({e.strerror}); the last checkpoint, in "
+                                  f"{final.parent / 'ckpt'}, is intact: rerun to export again") from None
         print(f"stage {stage}: wrote {final}", flush=True)
     dist.barrier()
 
@@ -398,4 +401,5 @@ def bench(args):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    bench(args) if args.bench else one_sentence(main, args, errors=(CheckpointError, DataError, TokenizerError))
+    bench(args) if args.bench else one_sentence(main, args, errors=(CheckpointError, DataError, TokenizerError),
+                                                      peer_errors=(dist.DistError,))

@@ -11,11 +11,13 @@ failure is one CheckpointError naming the file and the key.
 
 A model trained from scratch is materialised the other way, from its init (`from_scratch`).
 """
+import errno
 import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,6 +42,21 @@ def write_json(obj, path, indent=2):
     """obj as JSON at path, whole or not at all: written to path.tmp, then renamed over path."""
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """{key: tensor} as a safetensors file at path, whole or not at all (path.tmp, then renamed), with the mode
+    the user's umask gives new files (0644 under umask 022), as the JSON files get: safetensors writes 0600."""
+    tmp = Path(f"{path}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(errno.EIO, str(e), str(tmp)) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -199,8 +216,7 @@ def save_weights(tensors, out_dir, max_shard_bytes=5 * 2**30):
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, out / f"{name}.tmp", metadata={"format": "pt"})
-        os.replace(out / f"{name}.tmp", out / name)
+        write_safetensors(shard, out / name, metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}

@@ -49,14 +49,19 @@ def _sentence(e):
     return text
 
 
-def one_sentence(main, *args, errors=(), rank=None):
+def one_sentence(main, *args, errors=(), peer_errors=(), rank=None):
     """Runs main(*args); a UserError, one of `errors` (CheckpointError, DataError, ...) or a full disk becomes
-    'error: ...' on stderr from rank 0 only, and exit status 1. Other exceptions are bugs: their traceback stays."""
+    'error: ...' on stderr from rank 0 only, and exit status 1. On the other ranks `peer_errors` (a collective that
+    failed because rank 0 left) exit 1 quietly too. Other exceptions are bugs: their traceback stays."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     try:
         return main(*args)
     except (UserError, *errors) as e:
         failure = e
+    except peer_errors:
+        if rank == 0:
+            raise
+        sys.exit(1)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
