@@ -98,27 +98,65 @@ def iter_tensors(files):
                 yield f, key, sd.pop(key)
 
 
+ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+
+def check_header(path, header, data_size):
+    """A safetensors header {key: {dtype, shape, data_offsets}} checked before anything is allocated, as the
+    safetensors library checks it: every entry an object with a known dtype, a shape of non-negative ints, offsets
+    inside the data, bytes = numel x itemsize, the tensors contiguous and non-overlapping from byte 0.
+    Returns [(key, dtype, shape, begin, end)] in file order; a bad entry is one CheckpointError naming file and key."""
+    entries = []
+    for key, info in header.items():
+        def bad(why):
+            return CheckpointError(f"{path} is corrupt at tensor {key}: {why}")
+        if not isinstance(info, dict):
+            raise bad("its header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise bad(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}: data_offsets {offsets!r} are not within "
+                                  f"the file's {data_size} data bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+            raise bad(f"shape {shape} in {dtype} is {numel * ITEMSIZE[dtype]} bytes, its data_offsets span {offsets[1] - offsets[0]}")
+        entries.append((key, DTYPES[dtype], shape, *offsets))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    end = 0
+    for key, _, _, begin, stop in entries:
+        if begin != end:
+            raise CheckpointError(f"{path} is corrupt at tensor {key}: it starts at data byte {begin}, not {end} "
+                                  f"({'it overlaps the tensor before' if begin < end else 'a gap before it'})")
+        end = stop
+    return entries
+
+
 def read_safetensors(path):
     """Yields (key, tensor) from a safetensors file, reading each tensor straight into its own memory:
     no mmap, so resident memory while loading is the model plus one tensor, not the model plus the file.
-    Layout: 8-byte little-endian header size, a JSON header {key: {dtype, shape, data_offsets}}, the data."""
+    Layout: 8-byte little-endian header size, a JSON header {key: {dtype, shape, data_offsets}}, the data.
+    The whole header is checked (check_header) before the first tensor is allocated."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little")
         try:
             assert 0 < n <= size - 8
             header = json.loads(f.read(n))
+            assert isinstance(header, dict)
             header.pop("__metadata__", None)
         except (AssertionError, ValueError):
             raise CheckpointError(f"{path} is not a safetensors file (corrupt or truncated header)") from None
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            if info["dtype"] not in DTYPES or 8 + n + end > size:
-                raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}")
-            t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        for key, dtype, shape, begin, end in check_header(path, header, size - 8 - n):
+            t = torch.empty(shape, dtype=dtype)
             buf = t.reshape(-1).view(torch.uint8).numpy()
             f.seek(8 + n + begin)
-            if buf.nbytes != end - begin or f.readinto(buf) != end - begin:
+            if f.readinto(buf) != end - begin:
                 raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}")
             yield key, t
 
