@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial

@@ -13,7 +13,9 @@ A model trained from scratch is materialised the other way, from its init (`from
 """
 import errno
 import json
+import math
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -36,6 +38,27 @@ def read_json(path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def config_values(cls, cfg, where, limits={}):
+    """{field: value} for the fields of dataclass cls that config.json dict cfg sets (None: left to the default),
+    each checked against the field's type (int, float) and range: limits[name] = (low, high), else ints 1..2^20
+    and floats > 0 and finite. A wrong type or range is one CheckpointError naming where and the key."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    out = {}
+    for f in fields(cls):
+        v = cfg.get(f.name)
+        if v is None:
+            continue
+        kind = int if f.type in (int, "int") else float
+        low, high = limits.get(f.name, (1, 2 ** 20) if kind is int else (0, math.inf))
+        ok = type(v) is int if kind is int else type(v) in (int, float) and math.isfinite(v)
+        if not ok or not low <= v <= high or (kind is float and v == low == 0):
+            rule = f"an integer in {low}..{high}" if kind is int else (f"a number in ({low}, {high}]" if math.isfinite(high) else f"a number above {low}")
+            raise CheckpointError(f"{where}: {f.name} must be {rule}, not {v!r}")
+        out[f.name] = kind(v)
+    return out
 
 
 def write_json(obj, path, indent=2):

@@ -181,10 +181,13 @@ class LLaVA(nn.Module):
         if cj.get("model_type") == "llava":
             if cj.get("vision_feature_select_strategy", "default") != "default" or cj.get("projector_hidden_act", "gelu") != "gelu":
                 raise CheckpointError(f"{path}/config.json: only LLaVA-1.5's patch features and GELU projector are supported")
-            text = LlamaConfig.from_json(cj.get("text_config", {}))
-            vision = replace(ViTConfig.from_json(cj.get("vision_config", {})), feature_layer=cj.get("vision_feature_layer", -2))
+            text = LlamaConfig.from_json(cj.get("text_config", {}), f"{path}/config.json text_config")
+            vision = ViTConfig.from_json({**cj.get("vision_config", {}), "feature_layer": cj.get("vision_feature_layer", -2)},
+                                         f"{path}/config.json vision_config")
             image_id = cj.get("image_token_index", cj.get("image_token_id", 32000))
             pad_id = cj.get("pad_token_id", cj.get("text_config", {}).get("pad_token_id", 0)) or 0
+            if type(image_id) is not int or type(pad_id) is not int:
+                raise CheckpointError(f"{path}/config.json: image_token_index and pad_token_id must be integers, not {image_id!r}, {pad_id!r}")
             sources = [(weight_files(path), HF_KEYS, llama_unused)]
         elif "mm_vision_tower" in cj:
             if cj.get("mm_projector_type", "linear") != "mlp2x_gelu" or cj.get("mm_vision_select_feature", "patch") != "patch":
@@ -193,8 +196,9 @@ class LLaVA(nn.Module):
             if not tower.is_dir():
                 raise CheckpointError(f"{path} is an official LLaVA-1.5 checkpoint whose vision tower {cj['mm_vision_tower']!r} "
                                       f"is not a local directory: pass vision_tower=DIR (a copy of openai/clip-vit-large-patch14-336)")
-            text = LlamaConfig.from_json(cj)
-            vision = replace(ViTConfig.from_json(read_json(tower / "config.json")), feature_layer=cj.get("mm_vision_select_layer", -2))
+            text = LlamaConfig.from_json(cj, f"{path}/config.json")
+            vision = replace(ViTConfig.from_json(read_json(tower / "config.json"), tower / "config.json"),
+                             feature_layer=cj.get("mm_vision_select_layer", -2))
             image_id, pad_id = IMAGE_TOKEN_INDEX, 0
             # the tower is frozen in LLaVA-1.5, so a copy inside the checkpoint equals CLIP's: dropped, CLIP's is loaded
             drop = lambda k: llama_unused(k) or k.startswith("model.vision_tower.")

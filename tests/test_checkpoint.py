@@ -65,3 +65,29 @@ def test_written_safetensors_get_the_umask_mode(tmp_path):
         assert oct(os.stat(tmp_path / "q.safetensors").st_mode & 0o777) == oct(0o600)
     finally:
         os.umask(old)
+
+
+CONFIGS = [  # (which reader, key, bad value)
+    ("vit", "hidden_size", "1024"), ("vit", "hidden_size", -4), ("vit", "image_size", 1e12), ("vit", "layer_norm_eps", -1.0),
+    ("vit", "num_hidden_layers", True), ("llama", "max_position_embeddings", 1e12), ("llama", "max_position_embeddings", 10 ** 12),
+    ("llama", "hidden_size", "4096"), ("llama", "num_attention_heads", 0), ("llama", "rope_theta", "big"), ("llama", "rms_norm_eps", 0),
+    ("llava", "text_config.hidden_size", -1), ("llava", "vision_config.patch_size", [14]), ("llava", "image_token_index", "32000"),
+]
+
+
+@pytest.mark.parametrize("reader,key,value", CONFIGS, ids=[f"{c[0]}-{c[1]}-{c[2]!r}" for c in CONFIGS])
+def test_config_values_of_the_wrong_type_or_range_are_refused_when_read(tmp_path, reader, key, value):
+    from nanollava import LLaVA, Llama, ViT
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 42,
+              "patch_size": 14}
+    text = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 256}
+    cfg = {"vit": vision, "llama": text, "llava": {"model_type": "llava", "vision_config": vision, "text_config": text,
+                                                    "image_token_index": 318}}[reader]
+    *outer, leaf = key.split(".")
+    (cfg[outer[0]] if outer else cfg)[leaf] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    load = {"vit": ViT, "llama": Llama, "llava": LLaVA}[reader].from_pretrained
+    with pytest.raises(CheckpointError) as e:  # before any weight file is looked for (there is none)
+        load(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and leaf in str(e.value) and repr(value) in str(e.value), str(e.value)
