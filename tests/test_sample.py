@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import sample
+from conftest import released_config
 from nanollava.data import IMAGE, SYSTEM, continuation_ids, prompt_ids
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
@@ -219,9 +220,7 @@ def test_official_checkpoint_prompt_and_greedy_tokens(tiny, tmp_path, sp_model_p
     off.mkdir()
     sd = {**llm.state_dict(), **{f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}}
     torch.save({k: v.contiguous() for k, v in sd.items()}, off / "pytorch_model.bin")
-    (off / "config.json").write_text(json.dumps({**text, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-                                                 "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-                                                 "mm_vision_select_feature": "patch", "mm_hidden_size": 32, "image_aspect_ratio": "pad"}))
+    (off / "config.json").write_text(json.dumps(released_config("1.5", text, 32)))  # as liuhaotian/llava-v1.5-7b ships it
     shutil.copy(sp_model_path, off / "tokenizer.model")
 
     model, tok, pre = sample.load(off, vision_tower=tmp_path / "clip")
