@@ -38,6 +38,7 @@ import torch
 import kernels
 from nanollava.checkpoint import read_json
 from nanollava.data import CLIP_MEAN, CLIP_STD, IMAGE, DataError, continuation_ids, load_image, prompt_ids
+from nanollava import lora
 from nanollava.llava import LLaVA
 from nanollava.tokenizer import load_tokenizer
 
@@ -49,6 +50,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None, help=f"model directory (default {DEFAULT_MODEL}, train.py's stage-2 output); nanollava's, llava-hf's or official LLaVA-1.5's layout")
 parser.add_argument("--vision-tower", default=None, help="CLIP directory for an official LLaVA-1.5 checkpoint whose mm_vision_tower is not local")
+parser.add_argument("--adapter", default=None, help="LoRA adapter directory in PEFT's format (nanollava's or one PEFT wrote for --model), merged at load")
 parser.add_argument("--image", action="append", default=[], help="image file; repeat for a batch")
 parser.add_argument("--prompt", action="append", default=[], help=f"question (default {DEFAULT_PROMPT!r}); repeat for a batch")
 parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy; 0.2 is the official CLI's default")
@@ -76,10 +78,11 @@ def log(*args):
 
 # ----------------------------------------------------------------------------- model, prompts, generation
 
-def load(model_dir, vision_tower=None, device="cpu", dtype=torch.float32):
-    """The model, its tokenizer, and its image preprocessing: size from the vision config, mean and std from
-    preprocessor_config.json (beside the model, else beside the tower) or CLIP's, square padding with the mean."""
-    model = LLaVA.from_pretrained(model_dir, vision_tower, dtype).to(device)
+def load(model_dir, vision_tower=None, device="cpu", dtype=torch.float32, adapter=None):
+    """The model (with a LoRA adapter merged in), its tokenizer, and its image preprocessing: size from the vision
+    config, mean and std from preprocessor_config.json (beside the model, else the tower) or CLIP's, square padding."""
+    model = LLaVA.from_pretrained(model_dir, vision_tower, dtype)
+    model = (lora.unload(lora.load_adapter(model, adapter)) if adapter else model).to(device)
     tok = load_tokenizer(model_dir)
     if tok.image_id is not None and model.image_token_id >= 0 and tok.image_id != model.image_token_id:
         raise DataError(f"{model_dir}: the tokenizer's <image> is {tok.image_id} but the model's is {model.image_token_id}")
@@ -459,7 +462,7 @@ def run(args):
     if args.eval is None and not args.chat and not args.image and not args.prompt:
         raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --bench")
     t0 = time.perf_counter()
-    model, tok, pre = load(model_dir, args.vision_tower, device, dtype)
+    model, tok, pre = load(model_dir, args.vision_tower, device, dtype, args.adapter)
     seconds = time.perf_counter() - t0
 
     def header():  # printed once the inputs are known to be good, so that bad input gives one line only
