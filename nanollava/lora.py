@@ -139,11 +139,11 @@ def unload(model):
     return model
 
 
-def adapter_tensors(model, state_dict=None, modules_to_save=("multi_modal_projector",)):
-    """{PEFT key: tensor}: every A and B, and the parameters of modules_to_save. state_dict: the full weights when
-    the model is sharded (gathered on rank 0)."""
+def adapter_tensors(model, state_dict=None):
+    """{PEFT key: tensor}: every A and B, and the projector's parameters (modules_to_save). state_dict: the full
+    weights when the model is sharded (gathered on rank 0)."""
     sd = model.state_dict() if state_dict is None else state_dict
-    keep = lambda n: ".lora_A." in n or ".lora_B." in n or n.startswith(tuple(m + "." for m in modules_to_save))
+    keep = lambda n: ".lora_A." in n or ".lora_B." in n or n.startswith("multi_modal_projector.")
     return {PREFIX + unrename(n, SAVE_KEYS): t for n, t in sd.items() if keep(n)}
 
 
@@ -187,11 +187,14 @@ def load_adapter(model, adapter_dir):
     found = {}  # nanollava name -> (file, key, tensor)
     for f, key, t in iter_tensors(files):
         k = key.removeprefix(PREFIX)
-        found[rename(k, HF_KEYS) or rename(k, OFFICIAL_KEYS) or k] = (f, key, t)
+        name = rename(k, HF_KEYS) or rename(k, OFFICIAL_KEYS) or k
+        if name in found:
+            raise CheckpointError(f"{f}: {key} appears twice (also in {found[name][0]} as {found[name][1]})")
+        found[name] = (f, key, t)
     r_cfg, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     n = len(model.language_model.layers)
     targets = {f"language_model.layers.{i}.{t}" for i in range(n) for t in TARGETS}
-    for name in sorted({n.rpartition(".lora_")[0] for n in found if ".lora_A." in n or ".lora_B." in n}):
+    for name in sorted({k.rpartition(".lora_")[0] for k in found if ".lora_A." in k or ".lora_B." in k}):
         f, key, _ = found.get(name + ".lora_A.weight") or found[name + ".lora_B.weight"]
         if name not in targets:  # e.g. CLIP's q_proj (issue 1647), a block this base does not have
             raise CheckpointError(f"{f}: {key} targets {name}, which is not one of the seven linear layers of a "
