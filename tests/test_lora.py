@@ -25,14 +25,10 @@ from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.tokenizer import train_tokenizer
 from nanollava.vit import ViTConfig
+from oracles import close
 
 Q = "What color is the star?"
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def close(a, b, tol, what):
-    d = (a.float() - b.float()).abs()
-    assert d.max() <= tol, f"{what}: max abs diff {d.max():.3g}, mean {d.mean():.3g} (tolerance {tol})"
 
 
 @pytest.fixture(scope="module")

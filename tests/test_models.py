@@ -16,8 +16,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMod
 from nanollava import LLaVA, Llama, ViT
 from nanollava.checkpoint import CheckpointError
 from nanollava.llava import PRESETS, expand_image_tokens
-from oracles import close, hf_llava, save_bin
-from conftest import released_config
+from oracles import close, hf_llava, released_config, save_bin
 
 torch.manual_seed(0)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=42,

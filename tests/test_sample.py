@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import released_config
 from nanollava.data import IMAGE, SYSTEM, continuation_ids, prompt_ids
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.tokenizer import train_tokenizer
 from nanollava.vit import ViTConfig
-from oracles import hf_llama_tokenizer, tokenizer_image_token
+from oracles import hf_llama_tokenizer, released_config, tokenizer_image_token
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = dict(image_size=42, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
