@@ -53,6 +53,8 @@ def test_official_rules_beyond_the_goldens():
     assert ev.normalize_answer("none") == "0" and ev.normalize_answer("hello,world") == "helloworld"
     assert ev.normalize_answer("$ % & #") == "$ % & #" and ev.normalize_answer("snow_board") == "snow board"
     assert ev.normalize_answer("a- b") == "b"  # "- " in the text: every "-" is deleted, not spaced
+    assert ev.normalize_answer("x/-y z-w") == "x y z w"  # each mark is judged on the text as given, not as the
+    # marks before it left it (the "/" turned to a space puts a space beside "-", yet both "-" become spaces)
     assert ev.normalize_answer("." * 40 + "x") == "." * 8 + "x"  # at most 32 periods go (re.UNICODE passed as count)
     assert ev.science_qa_letter("E", n_choices=4) is None and ev.science_qa_letter("The answer is C.", 2) is None
     assert ev.parse_letter("The answer is B") == "B" and ev.science_qa_letter("The answer is B") is None
