@@ -26,8 +26,9 @@ import torch
 import kernels
 from nanollava.checkpoint import read_json
 from nanollava.data import DataError, IMAGE, LLaVADataset, collate, prompt_ids
-from nanollava.llava import LLaVA, LLaVAConfig
+from nanollava.llava import LLaVA, LLaVAConfig, expand_image_tokens
 from nanollava.llama import LlamaConfig
+from nanollava.recipes import RECIPES
 from nanollava.tokenizer import load_tokenizer
 from nanollava.vit import ViTConfig
 
@@ -36,7 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("what", choices=["train", "decode", "load"], help="the training step, greedy decoding, or loading")
 parser.add_argument("--model", help="decode, load: a llava-hf layout checkpoint (default: a tiny random world-sized one)")
-parser.add_argument("--data", default="data/world/manifest.json", help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data)")
+parser.add_argument("--data", default=RECIPES["world"].data, help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data)")
 parser.add_argument("--steps", type=int, default=20, help="train: timed steps after 2 warm-up steps")
 parser.add_argument("--micro-batch", type=int, default=16, help="train: rows in the batch")
 parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per generation (eos ignored by both)")
@@ -59,11 +60,6 @@ def synced(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter()
-
-
-def expand_images(ids, image_id, n):
-    """llava-hf wants each <image> already repeated once per image feature: a list of ids -> the expanded list."""
-    return [t for i in ids for t in ([i] * n if i == image_id else [i])]
 
 
 def tiny_checkpoint(out_dir, width=128, layers=2):
@@ -106,13 +102,9 @@ def bench_train(manifest_path, steps, micro_batch, device, seed):
     ds = LLaVADataset(at(manifest["stage2"]["data"]), at(manifest["stage2"]["image_root"]), tok, "vicuna_v1",
                       ours.image_token_id, image_size=S, image_seq_len=P)
     b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([ds[i] for i in range(micro_batch)], tok.pad_id).items()}
-    rows = []  # (id, label, mask) per position, each <image> repeated P times for transformers
-    for ids, lab, m in zip(b["input_ids"].tolist(), b["labels"].tolist(), b["attention_mask"].tolist()):
-        rows.append([(t, l, k) for t, l, k in zip(ids, lab, m) for _ in range(P if t == ours.image_token_id else 1)])
-    T = max(map(len, rows))
-    pad = lambda r, i, v: [x[i] for x in r] + [v] * (T - len(r))
-    hf_ids, hf_labels, hf_mask = (torch.tensor([pad(r, i, v) for r in rows], device=device)
-                                  for i, v in ((0, tok.pad_id), (1, -100), (2, 0)))
+    # transformers wants each <image> already repeated P times
+    hf_ids, hf_mask, hf_labels, _ = expand_image_tokens(b["input_ids"], ours.image_token_id, P, b["attention_mask"],
+                                                        b["labels"], pad_id=tok.pad_id)
     steps_of = {"nanollava": lambda: ours(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"]),
                 "transformers": lambda: theirs(input_ids=hf_ids, pixel_values=b["pixel_values"], attention_mask=hf_mask, labels=hf_labels).loss}
     opts, times = {}, {"nanollava": 0.0, "transformers": 0.0}
@@ -127,7 +119,7 @@ def bench_train(manifest_path, steps, micro_batch, device, seed):
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
             times[name] += (synced(device) - t0) / steps if i >= 2 else 0.0
-    print(f"stage-2 step, batch {len(rows)} x {T} tokens, {torch.get_num_threads()} threads:", flush=True)
+    print(f"stage-2 step, batch {hf_ids.shape[0]} x {hf_ids.shape[1]} tokens, {torch.get_num_threads()} threads:", flush=True)
     for name, t in times.items():
         print(f"{name:>12}: {1e3 * t:7.1f} ms a step", flush=True)
     print(f"nanollava / transformers: {times['transformers'] / times['nanollava']:.2f}x the steps/s", flush=True)
@@ -151,8 +143,8 @@ def bench_decode(model_dir, device, dtype, n_new, repeats):
         ids = [1] + torch.randint(3, img, (35,), generator=g).tolist() + [img] + torch.randint(3, img, (12,), generator=g).tolist()
     S, P = cfg.vision.image_size, cfg.vision.num_patches
     pixels = torch.randn(1, 3, S, S, generator=g).to(device=device, dtype=dtype)
-    hf_ids = torch.tensor([expand_images(ids, img, P)], device=device)
     ids = torch.tensor([ids], device=device)
+    hf_ids = expand_image_tokens(ids, img, P).input_ids  # llava-hf repeats <image> P times
     runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1),
             "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=torch.ones_like(hf_ids),
                                                       max_new_tokens=n, min_new_tokens=n, do_sample=False)[:, hf_ids.shape[1]:]}
