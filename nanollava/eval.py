@@ -175,8 +175,9 @@ def score(records, out=None):
 
 # ----------------------------------------------------------------------------- question and answer files
 
-QUESTION_FIELDS = {"question_id": (str, int), "text": (str,), "image": (str, type(None)),
-                   "answer": (str, int, float, type(None)), "category": (str, int, type(None))}
+QUESTION_FIELDS = {"question_id": ((str, int), "a string or a number"), "text": ((str,), "a string"),
+                   "image": ((str, type(None)), "a string"), "answer": ((str, int, float, type(None)), "a string"),
+                   "category": ((str, int, type(None)), "a string")}
 
 
 def _type_name(value):
@@ -191,11 +192,11 @@ def read_questions(path, image_root):
     for where, q in read_rows(path):
         if not isinstance(q, dict):
             raise DataError(f"{path}, {where}: a question row must be a JSON object, not {_type_name(q)}")
-        for key, types in QUESTION_FIELDS.items():
+        for key, (types, rule) in QUESTION_FIELDS.items():
             if key not in q and key in ("question_id", "text"):
                 raise DataError(f"{path}, {where}: the question row has no {key!r}")
             if key in q and (not isinstance(q[key], types) or isinstance(q[key], bool)):
-                raise DataError(f"{path}, {where}: {key!r} must be {_type_name(types[0]())}, not {_type_name(q[key])}")
+                raise DataError(f"{path}, {where}: {key!r} must be {rule}, not {_type_name(q[key])}")
         if q.get("image") and not os.path.isfile(os.path.join(image_root, q["image"])):
             raise DataError(f"{path}, {where}: {os.path.join(image_root, q['image'])}: no such image file")
         questions.append(q)

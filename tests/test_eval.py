@@ -131,7 +131,7 @@ def test_a_bad_json_line_is_named_by_its_line_in_the_file(tmp_path):
     ({"question_id": 1, "text": 42}, "'text' must be a string, not a number"),
     ({"question_id": 1, "text": None}, "'text' must be a string, not null"),
     ({"question_id": 1, "text": "q", "image": 5}, "'image' must be a string, not a number"),
-    ({"question_id": [1], "text": "q"}, "'question_id' must be a string, not a list"),
+    ({"question_id": [1], "text": "q"}, "'question_id' must be a string or a number, not a list"),
     ({"text": "q"}, "the question row has no 'question_id'"),
     (["q"], "a question row must be a JSON object, not a list"),
 ])
