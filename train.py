@@ -19,6 +19,8 @@ Notable:
 - Checkpoints (torch.distributed.checkpoint) are written to a temporary directory and renamed when
   complete; `latest` names the last good one. kill -9 and rerun resumes step for step; SIGTERM saves and exits.
 - What is distributed about the loop (sharding, collectives, checkpoints) is in nanollava/fsdp.py.
+- A user's failure (a flag out of range, a bad manifest, base, dataset row or checkpoint, a full disk, a second
+  run into the same --out) is one sentence, printed once by rank 0 (nanollava/cli.py; README: Reliability).
 """
 import argparse
 import json
