@@ -341,21 +341,22 @@ class Config(NamedTuple):
     num_stages: int
 
 
-# What each kernel is timed over, per head dim (16 and 32 use 64's list). The first is the
-# default wherever nothing is timed: the CPU interpreter, KERNELS_FLASH_TUNE=0, no GPU. The
-# rules, checked by `python -m kernels.report` (tests/test_kernels.py) on the compiled code:
-# - the row dim of the tile's matmuls (BLOCK_M in fwd and dq, BLOCK_N in dkdv) is at least
-#   16 x num_warps: with fewer rows Triton gives two warp groups the same rows, and they
-#   compute the same products twice (dkdv at (64, 64, 8 warps) did 1.5x the work);
+# What each kernel is timed over on sm_90, per head dim (16 and 32 use 64's list); AMPERE
+# replaces some lists on older GPUs. The first is the default wherever nothing is timed: the
+# CPU interpreter, KERNELS_FLASH_TUNE=0. The rules, which `python -m kernels.report` checks on
+# the compiled code (tests/test_kernels.py runs it):
+# - no duplicated work: the tensor-core instructions of a tile do exactly its matmuls. The usual
+#   cause is a row dim (BLOCK_M in fwd and dq, BLOCK_N in dkdv) under 16 x num_warps, where
+#   Triton gives two warp groups the same rows (dkdv at (64, 64, 8 warps) did 1.5x the work);
 # - dq's BLOCK_N is at least 64: narrower, two of its three matmuls are shared-memory bound;
 # - no 8-warp forward under 128 x 128 scores (the Triton tutorial drops those on Hopper);
 # - fwd and dq: BLOCK_M a multiple of BLOCK_N, dkdv: BLOCK_N a multiple of BLOCK_M (the
 #   causal diagonal block is walked in whole blocks);
-# - nothing spills registers and at least one program fits an SM, on sm_80 and sm_90.
+# - nothing spills registers and at least one program fits an SM, in bf16.
 # "dkdv_atomic" is the dK/dV kernel that also adds dQ (deterministic=False).
 CANDIDATES = {
-    "fwd": {64: [Config(128, 128, 8, 3), Config(64, 64, 4, 3)],  # 128 rows on 4 warps spill (sm_90)
-            128: [Config(64, 64, 4, 3), Config(64, 32, 4, 4)]},   # 128 rows spill at D = 128 (sm_90)
+    "fwd": {64: [Config(128, 128, 8, 3), Config(64, 64, 4, 3)],  # 128 rows on 4 warps spill
+            128: [Config(64, 64, 4, 3), Config(64, 32, 4, 4)]},   # 128 rows spill at D = 128
     "dkdv": {64: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)],
              128: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)]},
     "dq": {64: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
@@ -363,16 +364,37 @@ CANDIDATES = {
     "dkdv_atomic": {64: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)],
                     128: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)]},
 }
+# sm_80 keeps mma operands in registers (Hopper's wgmma reads them from shared memory), so
+# its backward runs out of registers sooner. At D = 128 no config of the atomic dK/dV kernel
+# tried compiled without spills or duplicated work ((32|64, 64|128, 4|8 warps), 2-3 stages):
+# there `deterministic=False` runs the deterministic backward.
+AMPERE = {
+    ("dkdv", 128): [Config(64, 64, 8, 3), Config(64, 64, 8, 2)],
+    ("dq", 128): [Config(64, 64, 4, 3), Config(64, 64, 8, 3)],
+    ("dq", 64): [Config(64, 64, 4, 1), Config(128, 64, 8, 1)],  # 2-3 stages spill 8-24 bytes
+    ("dkdv_atomic", 128): [],
+    ("dkdv_atomic", 64): [Config(32, 64, 4, 3), Config(64, 64, 4, 2)],
+}
 TUNE = os.environ.get("KERNELS_FLASH_TUNE", "1") != "0"  # 0: always the first candidate (reproducible bits)
 _PINNED = {}  # kernel name -> Config, set by pin()
 _TUNED = {}   # (kernel, D, causal, dtype, T bucket, device) -> the fastest candidate
 
 
-def candidates(kernel, D, dtype=torch.bfloat16):
-    """The configs `kernel` may run with at head dim D. fp32 (exact dots, no TF32) is the
+def candidates(kernel, D, dtype=torch.bfloat16, arch=90):
+    """The configs `kernel` may run with at head dim D on sm_<arch> (sm_90 and newer take the
+    Hopper lists, older GPUs AMPERE's where it has one). fp32 (exact dots, no TF32) is the
     test path, not a fast one: one stage keeps its shared memory down."""
-    cfgs = CANDIDATES[kernel][max(D, 64)]
+    D = max(D, 64)
+    cfgs = AMPERE.get((kernel, D), CANDIDATES[kernel][D]) if arch < 90 else CANDIDATES[kernel][D]
     return [c._replace(num_stages=1) for c in cfgs] if dtype == torch.float32 else cfgs
+
+
+def _arch(q):
+    """sm_<arch> of q's GPU as an int (90 for an H100); 90 off the GPU (the interpreter)."""
+    if not q.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return 10 * major + minor
 
 
 def pin(kernel, config):
@@ -403,7 +425,7 @@ def _choose(kernel, q, causal, launch):
     if kernel in _PINNED:
         return _PINNED[kernel]
     B, H, T, D = q.shape
-    cfgs = candidates(kernel, D, q.dtype)
+    cfgs = candidates(kernel, D, q.dtype, _arch(q))
     if not (TUNE and q.is_cuda and len(cfgs) > 1):
         return cfgs[0]
     key = (kernel, D, causal, q.dtype, t_bucket(T), q.device)
@@ -513,7 +535,8 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *_strides(o), *_strides(do),
                                                             H, T, BLOCK_M=64, HEAD_D=D)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        if ctx.deterministic:  # dK, dV by key blocks, then dQ by query blocks: 7 matmuls per tile
+        if ctx.deterministic or not candidates("dkdv_atomic", D, q.dtype, _arch(q)):
+            # dK, dV by key blocks, then dQ by query blocks: 7 matmuls per tile
             dq = torch.empty_like(q)
             launch = lambda cfg: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, None, causal, precision, cfg)
             launch(_choose("dkdv", q, causal, launch))
@@ -532,7 +555,8 @@ def flash_attention(q, k, v, causal=False, deterministic=True):
 
     deterministic=True (the default, what training uses): a backward whose gradients are the
     same bits on every run. False: FlashAttention-2's five-matmul backward with dQ summed by
-    fp32 atomics, faster, with dQ's last bits varying from run to run (see the module docstring).
+    fp32 atomics, faster, with dQ's last bits varying from run to run (see the module docstring);
+    on sm_80 at D = 128 it has no config that fits its registers, and runs the deterministic one.
     """
     _check(q, k, v)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))

@@ -143,7 +143,7 @@ def jobs(archs):
     out = []
     for arch in archs:
         for name, B, H, T, D, causal in SHAPES:
-            out += [(arch, name, kernel, cfg) for kernel in MATMULS_PER_TILE for cfg in candidates(kernel, D)]
+            out += [(arch, name, kernel, cfg) for kernel in MATMULS_PER_TILE for cfg in candidates(kernel, D, arch=arch)]
             out.append((arch, name, "delta", Config(64, D, 4, 1)))  # its launch: BLOCK_M = 64, default warps
         for N in NORM_WIDTHS:
             BLOCK_N = triton.next_power_of_2(N)

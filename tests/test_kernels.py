@@ -160,18 +160,29 @@ def unpinned():
         flash.pin(kernel, None)
 
 
+def _all_configs(kernel, D):
+    """Every candidate of `kernel` at head dim D, over the GPU generations, in fp32 (the interpreter's)."""
+    out = []
+    for arch in (90, 80):
+        out += [c for c in flash.candidates(kernel, D, torch.float32, arch) if c not in out]
+    return out
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("D", [64, 128])
 def test_attention_every_candidate_config(D, deterministic, unpinned):
-    """Autotuning may pick any candidate: the second of each list (the first is the default the other
-    tests run) pinned for every kernel, forward and gradients against fp64 PyTorch math."""
-    for kernel in flash.CANDIDATES:
-        flash.pin(kernel, flash.candidates(kernel, D, torch.float32)[1])
-    qkv, dout = _qkv(130, D, seed=D + deterministic)
-    fn = lambda q, k, v: flash_attention(q, k, v, True, deterministic)
-    got = _forward_backward(fn, qkv, dout, torch.float32)
+    """Autotuning may pick any candidate: each one, pinned, against fp64 PyTorch math (the other tests
+    run the defaults). T = 130 walks several key blocks and a causal diagonal for every block size."""
+    used = ["fwd", "dkdv", "dq"] if deterministic else ["fwd", "dkdv_atomic"]
+    lists = {kernel: _all_configs(kernel, D) for kernel in used}
+    qkv, dout = _qkv(130, D, seed=D + deterministic, B=1, H=1)
     want = _forward_backward(lambda q, k, v: attention_ref(q, k, v, True), qkv, dout, torch.float64)
-    _check_close(ATTN_NAMES, got, want, atol=1e-4)
+    for i in range(max(map(len, lists.values()))):
+        for kernel, cfgs in lists.items():
+            flash.pin(kernel, cfgs[i % len(cfgs)])
+        got = _forward_backward(lambda q, k, v: flash_attention(q, k, v, True, deterministic), qkv, dout,
+                                torch.float32)
+        _check_close([f"{n} at {dict(flash._PINNED)}" for n in ATTN_NAMES], got, want, atol=1e-4)
 
 
 def test_pin_checks_the_config(unpinned):
@@ -198,6 +209,7 @@ def test_tuning_is_keyed_on_a_t_bucket(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.setattr(flash, "TUNE", True)
     monkeypatch.setattr(flash, "_TUNED", {})
+    monkeypatch.setattr(flash, "_arch", lambda q: 90)
     fake = lambda T: types.SimpleNamespace(shape=(2, 4, T, 64), is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
     assert [flash.t_bucket(T) for T in (1, 577, 600, 2048)] == [128, 1024, 1024, 2048]
     for T in (577, 600, 577):
@@ -381,7 +393,7 @@ def test_compile_report_covers_every_kernel(compile_report):
     for arch in ARCHS:
         for name, B, H, T, D, causal in SHAPES:
             for kernel in flash.CANDIDATES:
-                for cfg in flash.candidates(kernel, D):
+                for cfg in flash.candidates(kernel, D, arch=arch):
                     assert (arch, name, kernel, ",".join(map(str, cfg))) in seen
             assert any(r["arch"] == arch and r["shape"] == name and r["kernel"] == "delta" for r in compile_report)
         for N in NORM_WIDTHS:
