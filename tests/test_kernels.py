@@ -319,10 +319,19 @@ def test_use_rejects_unknown_backend(spies):
         kernels.use("bogus")
 
 
+def _without_triton(code, cuda=False):
+    """Runs `code` in a fresh Python where `import triton` fails (and, if cuda, a GPU seems present)."""
+    prefix = "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+    if cuda:
+        prefix += "import torch; torch.cuda.is_available = lambda: True\n"
+    r = subprocess.run([sys.executable, "-c", prefix + code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_imports_and_falls_back_without_triton():
     """With triton unimportable, kernels imports silently and attention/norm use PyTorch."""
-    code = (
-        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+    r = _without_triton(
         "import torch, kernels\n"
         "from kernels.flash import HAS_TRITON; assert not HAS_TRITON\n"
         "q = torch.randn(1, 2, 5, 16)\n"
@@ -332,8 +341,6 @@ def test_imports_and_falls_back_without_triton():
         "try:\n    kernels.use('triton')\nexcept ValueError:\n    pass\n"
         "else:\n    raise AssertionError('use(triton) should raise without triton')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
     assert r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
 
 
@@ -358,16 +365,11 @@ def test_dispatcher_falls_back_to_sdpa(spies):
 
 
 def test_warns_once_when_triton_fails_on_a_gpu_machine():
-    code = (
-        "import sys, warnings; sys.modules['triton'] = None\n"
-        "import torch; torch.cuda.is_available = lambda: True\n"
-        "warnings.simplefilter('always')\n"
-        "import kernels, importlib\n"
-        "kernels.norm(torch.randn(3, 8), torch.ones(8), 1e-5)\n"
-        "kernels.attention(*(torch.randn(1, 2, 5, 16) for _ in range(3)), causal=True)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = _without_triton("import warnings; warnings.simplefilter('always')\n"
+                        "import torch, kernels\n"
+                        "kernels.norm(torch.randn(3, 8), torch.ones(8), 1e-5)\n"
+                        "kernels.attention(*(torch.randn(1, 2, 5, 16) for _ in range(3)), causal=True)\n",
+                        cuda=True)
     assert r.stderr.count("triton failed to import") == 1 and "use PyTorch" in r.stderr, r.stderr
 
 
