@@ -192,7 +192,7 @@ def format_row(r):
 def report(archs=(90, 80), workers=2):
     """Compiles everything for each arch, `workers` kernels at a time; prints the table in order."""
     from concurrent.futures import ProcessPoolExecutor
-    print("config: BLOCK_M,BLOCK_N,num_warps,num_stages (RMSNorm: 1,BLOCK_N,num_warps,stages); bf16")
+    print("config: BLOCK_M,BLOCK_N,num_warps,num_stages (delta: 64,D,4,-; RMSNorm: 1,BLOCK_N,num_warps,stages); bf16")
     print(HEADER, flush=True)
     rows = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
