@@ -80,7 +80,7 @@ def report(label, unit, amount, ms_kernel, ms_torch, torch_name):
 
 
 def sdpa(backend, causal):
-    """F.scaled_dot_product_attention held to one backend, or None where it cannot run these inputs."""
+    """F.scaled_dot_product_attention held to one backend (which raises where it cannot run the inputs)."""
     from torch.nn.attention import sdpa_kernel
 
     def fn(q, k, v):
@@ -93,6 +93,7 @@ def bench_attention(args):
     from torch.nn.attention import SDPBackend
 
     from kernels import attention_ref, flash_attention
+    from kernels.flash import _arch, candidates
     ok = True
     for name, B, H, T, D, causal in ATTENTION_SHAPES:
         print(f"attention {name}: B={B} H={H} T={T} D={D} {'causal' if causal else 'non-causal'}, bf16")
@@ -106,6 +107,8 @@ def bench_attention(args):
                 theirs[label] = sdpa(backend, causal)
             except RuntimeError as e:
                 print(f"  {label}: not available here ({str(e).splitlines()[0][:100]})")
+        if not candidates("dkdv_atomic", D, DTYPE, _arch(q)):
+            print("  atomic: no config fits this GPU at this head dim; it runs the deterministic backward")
         if not args.no_check:
             ref = lambda q, k, v: attention_ref(q, k, v, causal)
             for variant, fn in ours.items():

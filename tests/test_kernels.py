@@ -431,3 +431,9 @@ def test_compile_report_no_duplicated_matmul_work(compile_report):
         bm, bn = map(int, r["config"].split(",")[:2])
         needed = MATMULS_PER_TILE[r["kernel"]] * bm * bn * shapes[r["shape"]]
         assert issued == needed * r["loops"], f"{where}: {issued / r['loops'] / needed:.2f}x the work a tile needs"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures on a GPU; this checks the no-GPU path")
+def test_bench_without_a_gpu_says_so():
+    r = subprocess.run([sys.executable, "-m", "kernels.bench"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "no CUDA GPU here" in r.stdout, (r.stdout, r.stderr)
