@@ -283,22 +283,22 @@ def _small():
 def test_use_triton_routes_to_triton(spies):
     q, k, v, x, w = _small()
     kernels.use("triton")
-    out = kernels.attention(q, k, v, causal=True)
+    out = kernels.attention(q, k, v, "causal")
     y = kernels.norm(x, w, 1e-5)
     assert spies == {"flash_attention": 1, "rms_norm": 1}
     _check_close(["attention"], [out], [attention_ref(q, k, v, True)], atol=1e-4)
     _check_close(["norm"], [y], [rms_norm_ref(x, w, 1e-5)], atol=1e-4)
     # A mask, or Tq != Tk (decoding with a KV cache), goes to PyTorch's SDPA even so.
     mask = torch.ones(1, 1, 17, 17, dtype=torch.bool, device=DEVICE).tril()
-    _check_close(["masked"], [kernels.attention(q, k, v, causal=True, mask=mask)], [out], atol=1e-4)
-    kernels.attention(q[:, :, -1:], k, v, causal=False)
+    _check_close(["masked"], [kernels.attention(q, k, v, mask=mask)], [out], atol=1e-4)
+    kernels.attention(q[:, :, -1:], k, v, None)
     assert spies["flash_attention"] == 1
 
 
 def test_use_torch_routes_to_reference(spies):
     q, k, v, x, w = _small()
     kernels.use("torch")
-    out = kernels.attention(q, k, v, causal=True)
+    out = kernels.attention(q, k, v, "causal")
     y = kernels.norm(x, w, 1e-5)
     assert spies == {"flash_attention": 0, "rms_norm": 0}
     _check_close(["attention"], [out], [attention_ref(q, k, v, True)], atol=1e-5)
@@ -308,7 +308,7 @@ def test_use_torch_routes_to_reference(spies):
 def test_auto_follows_the_device(spies):
     q, k, v, x, w = _small()
     kernels.use("auto")
-    kernels.attention(q, k, v, causal=False)
+    kernels.attention(q, k, v, None)
     kernels.norm(x, w, 1e-5)
     n = 1 if q.is_cuda else 0
     assert spies == {"flash_attention": n, "rms_norm": n}
@@ -335,7 +335,7 @@ def test_imports_and_falls_back_without_triton():
         "import torch, kernels\n"
         "from kernels.flash import HAS_TRITON; assert not HAS_TRITON\n"
         "q = torch.randn(1, 2, 5, 16)\n"
-        "o = kernels.attention(q, q, q, causal=True)\n"
+        "o = kernels.attention(q, q, q, 'causal')\n"
         "y = kernels.norm(torch.randn(3, 8), torch.ones(8), 1e-5)\n"
         "assert o.shape == q.shape and y.shape == (3, 8)\n"
         "try:\n    kernels.use('triton')\nexcept ValueError:\n    pass\n"
@@ -350,9 +350,9 @@ def test_dispatcher_falls_back_to_sdpa(spies):
     kernels.use("triton")
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 9, 80, generator=g).to(DEVICE) for _ in range(3))  # D = 80
-    _check_close(["D=80"], [kernels.attention(q, k, v, causal=True)], [attention_ref(q, k, v, True)], atol=1e-5)
+    _check_close(["D=80"], [kernels.attention(q, k, v, "causal")], [attention_ref(q, k, v, True)], atol=1e-5)
     q = torch.randn(65536, 1, 2, 16, generator=g).to(DEVICE)  # B * H = 65536
-    _check_close(["B*H=65536"], [kernels.attention(q, q, q, causal=False)], [attention_ref(q, q, q)], atol=1e-5)
+    _check_close(["B*H=65536"], [kernels.attention(q, q, q, None)], [attention_ref(q, q, q)], atol=1e-5)
     assert spies["flash_attention"] == 0
     with pytest.raises(ValueError, match="head dims"):
         flash_attention(*(torch.randn(1, 1, 4, 80).to(DEVICE) for _ in range(3)))
@@ -368,7 +368,7 @@ def test_warns_once_when_triton_fails_on_a_gpu_machine():
     r = _without_triton("import warnings; warnings.simplefilter('always')\n"
                         "import torch, kernels\n"
                         "kernels.norm(torch.randn(3, 8), torch.ones(8), 1e-5)\n"
-                        "kernels.attention(*(torch.randn(1, 2, 5, 16) for _ in range(3)), causal=True)\n",
+                        "kernels.attention(*(torch.randn(1, 2, 5, 16) for _ in range(3)), 'causal')\n",
                         cuda=True)
     assert r.stderr.count("triton failed to import") == 1 and "use PyTorch" in r.stderr, r.stderr
 
