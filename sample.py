@@ -15,6 +15,9 @@ stdout carries only the answers (for --eval the metric lines, for --bench the nu
     python sample.py --eval questions.jsonl --image-root DIR --answers answers.jsonl
     python sample.py --score answers.jsonl                             # re-score an answers file, no model
     python sample.py --bench                                           # vs transformers on a tiny random model
+    python sample.py --serve [--host 127.0.0.1 --port 8000]            # OpenAI-compatible API and chat page
+    python sample.py --serve --bench                                   # eight clients at once vs one at a time
+    python sample.py --image x.jpg --attention out.png                 # where the answer looked, as a heatmap
     python sample.py --model llava-v1.5-7b --vision-tower clip-vit-large-patch14-336 --image x.jpg   # on a GPU
 
 Several images and prompts: N of each go pairwise; one image goes with every prompt and one prompt with every
@@ -67,6 +70,10 @@ parser.add_argument("--batch-size", type=int, default=16, help="--eval: question
 parser.add_argument("--score", default=None, metavar="ANSWERS", help="score an answers file that holds the reference answers (as --eval writes it); needs no model")
 parser.add_argument("--bench", action="store_true", help="tokens/s and time to first token of nanollava and transformers on one checkpoint (a tiny random world-sized one unless --model)")
 parser.add_argument("--bench-tokens", type=int, default=64, help="--bench: new tokens per generation (eos ignored by both)")
+parser.add_argument("--serve", action="store_true", help="serve the model: OpenAI-compatible /v1/chat/completions and a chat page at / (nanollava/serve.py); with --bench, eight clients at once against one at a time")
+parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (default loopback only)")
+parser.add_argument("--port", type=int, default=8000, help="--serve: the port")
+parser.add_argument("--attention", default=None, metavar="PNG", help="with one --image: write it with a heatmap of the attention the answer gives to each image patch (nanollava/attention_map.py)")
 parser.add_argument("--bench-repeats", type=int, default=5, help="--bench: timed repeats after a warm-up; medians are reported")
 
 
@@ -448,7 +455,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.bench:
+    if args.bench and not args.serve:
         if args.model:
             return bench(args.model, device, dtype, args.bench_tokens, args.bench_repeats)
         with tempfile.TemporaryDirectory() as tmp:
@@ -456,8 +463,10 @@ def run(args):
     model_dir = args.model or DEFAULT_MODEL
     if not Path(model_dir).is_dir():
         raise DataError(f"no model directory {model_dir}" + (": train one (train.py) or pass --model DIR" if args.model is None else ""))
-    if args.eval is None and not args.chat and not args.image and not args.prompt:
-        raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --bench")
+    if args.eval is None and not args.chat and not args.image and not args.prompt and not args.serve:
+        raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --bench, --serve")
+    if args.attention and (len(args.image) != 1 or len(args.prompt) > 1 or args.chat or args.eval is not None):
+        raise DataError("--attention needs exactly one --image and at most one --prompt")
     t0 = time.perf_counter()
     model, tok, pre = load(model_dir, args.vision_tower, device, dtype)
     seconds = time.perf_counter() - t0
@@ -485,6 +494,13 @@ def run(args):
         header()
         records = evaluate(model, tok, pre, questions, root, answers_path, model_id, args.batch_size, args.max_new_tokens or 128)
         return score(records)
+    if args.serve:
+        from nanollava import serve
+        name = "/".join(Path(model_dir).resolve().parts[-2:])
+        header()
+        if args.bench:
+            return serve.bench(model, tok, pre, name, WORLD_MANIFEST, args.bench_tokens, args.bench_repeats)
+        return serve.serve(model, tok, pre, name, args.host, args.port)
     max_new = args.max_new_tokens or 512
     if args.chat:
         if len(args.image) > 1 or len(args.prompt) > 1:
@@ -496,6 +512,11 @@ def run(args):
     batch = encode(model, tok, pre, items)
     header()
     answers = respond(model, tok, batch, max_new, args.temperature, args.top_p, stream=len(items) == 1)
+    if args.attention:
+        from nanollava.attention_map import image_attention, overlay, patch_grid
+        ids, _, pixels = batch
+        grid = patch_grid(image_attention(model, ids[0], pixels, answers[0]), model.config.vision)
+        log(f"attention over the {grid.numel()} image patches written to {overlay(args.image[0], grid.cpu(), args.attention)}")
     if len(items) > 1:
         for (image, q), ids in zip(items, answers):
             log(f"--- {image or '(no image)'}: {q}")
