@@ -23,7 +23,7 @@ from PIL import Image
 from nanollava.data import CLIP_MEAN, IMAGE, expand2square, prompt_ids
 from nanollava.llama import apply_rope, rope
 
-LAYERS = "mean"  # which layers the map averages: "mean" (all) or a layer index; see the README for the measurement
+LAYERS = -1  # the map is the last layer's: it finds the cell asked about most often (README); "mean" averages all
 
 
 @torch.inference_mode()

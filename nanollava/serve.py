@@ -466,8 +466,10 @@ def create_app(model, tok, pre, name, limits=None):
                     continue
                 if kind == "error":
                     return JSONResponse({"error": {"message": value, "type": "server_error", "param": None, "code": None}}, 500)
-                text.append(value) if kind == "delta" else None
-                finish = value if kind == "done" else None
+                if kind == "delta":
+                    text.append(value)
+                else:
+                    finish = value
         finally:
             job.cancelled = job.finish is None
         out = {"id": cid, "object": "chat.completion", "created": now, "model": name,
