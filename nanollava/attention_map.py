@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageChops
 
 from nanollava.data import CLIP_MEAN, IMAGE, expand2square, prompt_ids
 from nanollava.llama import apply_rope, rope
@@ -71,27 +71,22 @@ def patch_grid(weights, vision, layers=LAYERS):
     return (w / w.sum().clamp(min=1e-12)).view(g, g)
 
 
-def heat(v):
-    """[0, 1] -> an RGB colour from dark red through orange to yellow (the overlay's colour map)."""
-    return (255, int(60 + 195 * v), int(40 * v))
-
-
 def overlay(image, grid, out_path, min_side=336):
-    """Writes the image as the model saw it (padded to a square with the CLIP mean) with each patch tinted by its
-    share of the attention (the brightest patch fully tinted), as a PNG written whole (temp file, then rename)."""
+    """Writes the image as the model saw it (padded to a square with the CLIP mean) as a spotlight: each patch
+    dimmed by its share of the attention (the brightest patch as it is, one with none at a fifth), so the shapes'
+    own colours stay readable. A PNG written whole (temp file, then rename)."""
     img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
     img = expand2square(img, tuple(int(x * 255) for x in CLIP_MEAN))
     side = max(min_side, img.width)
     img = img.resize((side, side), Image.BICUBIC)
     g = grid.shape[0]
     rel = (grid / grid.max().clamp(min=1e-12)).tolist()
-    tint, alpha = Image.new("RGB", img.size), Image.new("L", img.size)
+    light = Image.new("L", img.size)
     for r in range(g):
         for c in range(g):
             box = (c * side // g, r * side // g, (c + 1) * side // g, (r + 1) * side // g)
-            tint.paste(heat(rel[r][c]), box)
-            alpha.paste(int(170 * rel[r][c]), box)
-    out = Image.composite(tint, img, alpha)
+            light.paste(round(255 * (0.2 + 0.8 * rel[r][c])), box)
+    out = ImageChops.multiply(img, Image.merge("RGB", (light,) * 3))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=out_path.parent)
