@@ -266,10 +266,10 @@ def run(args):
     model_dir = args.model or DEFAULT_MODEL
     if not Path(model_dir).is_dir():
         raise DataError(f"no model directory {model_dir}" + (": train one (train.py) or pass --model DIR" if args.model is None else ""))
-    if args.eval is None and not args.chat and not args.image and not args.prompt and not args.serve:
-        raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --serve")
     if args.bench and not args.serve:
         raise DataError("--bench goes with --serve here; the other benchmarks are bench.py's")
+    if args.eval is None and not args.chat and not args.image and not args.prompt and not args.serve:
+        raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --serve")
     if args.attention and (len(args.image) != 1 or len(args.prompt) > 1 or args.chat or args.eval is not None):
         raise DataError("--attention needs exactly one --image and at most one --prompt")
     if args.eval is not None:  # the question file is checked whole before the model loads
