@@ -484,12 +484,14 @@ def create_app(model, tok, pre, name, limits=None):
             return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": now, "model": name,
                                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                                           **extra}) + "\n\n"
+        # a content chunk is the same JSON with only the text changing: built from two strings, not a dict per token
+        head, tail = chunk({"content": "\0"}).split('"\\u0000"')
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
                 kind, value = await job.events.get()
                 if kind == "delta":
-                    yield chunk({"content": value})
+                    yield head + json.dumps(value) + tail
                     continue
                 if kind == "error":  # the status line is sent already: an error object in the stream, as OpenAI's
                     yield "data: " + json.dumps({"error": {"message": value, "type": "server_error"}}) + "\n\n"
