@@ -72,15 +72,15 @@ class Job:
 
 
 class Engine:
-    """The worker thread that owns the model. Each turn of its loop: run queued calls (attention maps), admit
-    waiting jobs while rows are free (prefilled together, then merged into the running batch's KV cache), take
+    """The worker thread that owns the model. Each turn of its loop: admit waiting
+    jobs while rows are free (prefilled together, then merged into the running batch's KV cache), take
     one decoding step for every row, and drop the rows that ended. Rows are left-padded: in the merged cache a
     shorter row has padding keys on its left, which the mask hides and the positions (counting real tokens only)
     skip, so each row computes what it would alone."""
 
     def __init__(self, model, tok, limits):
         self.model, self.tok, self.limits = model, tok, limits
-        self.waiting, self.calls, self.rows = collections.deque(), collections.deque(), []
+        self.waiting, self.rows = collections.deque(), []
         self.cache = self.logits = None
         self.cv = threading.Condition()
         self.served = self.largest_batch = 0
@@ -103,13 +103,10 @@ class Engine:
     def _loop(self):
         while True:
             with self.cv:
-                while not (self.waiting or self.rows or self.calls):
+                while not (self.waiting or self.rows):
                     self.cv.wait()
-                calls, self.calls = list(self.calls), collections.deque()
                 self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
                 new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.limits.max_batch - len(self.rows)))]
-            for fn, done in calls:
-                done(fn)
             try:
                 if new:
                     self._admit(new)
@@ -205,22 +202,6 @@ class Engine:
         dev = self.model.language_model.lm_head.weight.device
         w = image_attention(self.model, torch.tensor(job.ids, device=dev), job.pixels.to(dev), job.out)
         return patch_grid(w, self.model.config.vision).tolist()
-
-    def call(self, fn, loop):
-        """Runs fn() on the worker thread between two steps; a future of its result for the event loop."""
-        fut = loop.create_future()
-
-        def done(f):
-            try:
-                r = f()
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(r))
-            except Exception as e:
-                loop.call_soon_threadsafe(lambda e=e: fut.done() or fut.set_exception(e))  # e is unbound after except
-
-        with self.cv:
-            self.calls.append((fn, done))
-            self.cv.notify()
-        return fut
 
     @staticmethod
     def _send(events):
