@@ -178,8 +178,7 @@ class Tokenizer:
                          byte_fallback=True)
         self._bpe = _HFTokenizer(bpe)
         self.add_special_tokens(list(added))
-        if turn_boundary not in TURN_BOUNDARIES:
-            raise TokenizerError(f"{source}: turn_boundary {turn_boundary!r}, expected one of {TURN_BOUNDARIES}")
+        self._source = source
         self.turn_boundary = turn_boundary
 
     # --- ids of the tokens the rest of nanollava needs
@@ -190,6 +189,17 @@ class Tokenizer:
     @property
     def image_id(self):
         return self._ids.get("<image>")
+
+    @property
+    def turn_boundary(self):
+        """How text after a special token is tokenized (see encode_after_special): one of TURN_BOUNDARIES."""
+        return self._turn_boundary
+
+    @turn_boundary.setter
+    def turn_boundary(self, value):
+        if value not in TURN_BOUNDARIES:
+            raise TokenizerError(f"{self._source}: turn_boundary {value!r}, expected one of {TURN_BOUNDARIES}")
+        self._turn_boundary = value
 
     @property
     def vocab_size(self):

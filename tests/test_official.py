@@ -117,6 +117,7 @@ def test_release_turn_boundary_is_us_er():
             assert ids[k + 1:k + 4] == [3308, 1001, 29901], row["id"]
             boundaries += 1
     assert boundaries > 40
+    assert tok.encode_after_special("USER:") == [3308, 1001, 29901]
     assert tokenizer("4.37-nonlegacy").encode_after_special("USER:") == [11889, 29901]
     assert tokenizer("4.31-legacy").encode_after_special("USER:") == [3148, 1001, 29901]
 
