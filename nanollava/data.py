@@ -1,19 +1,24 @@
 """LLaVA-1.5 data: prompt templates with exact loss masks, CLIP image preprocessing, the dataset, and batching.
 
 Matches the official haotian-liu/LLaVA training code (`preprocess_plain`, `preprocess_v1`,
-`tokenizer_image_token`, `expand2square`, CLIPImageProcessor, `LengthGroupedSampler`) with two deliberate
-differences:
+`tokenizer_image_token`, `expand2square`, CLIPImageProcessor, `LengthGroupedSampler`) with deliberate
+differences (the README's "Fidelity to the release" lists each, with its test):
 - ids and labels are built segment by segment, so the loss covers exactly each answer and its </s> by
   construction. The official code re-tokenizes and counts, and silently masks a whole sample on a count
   mismatch ("WARNING: tokenization mismatch"). Segments are cut only before a "▁" that starts an answer
   (" {answer}") or at a special token, and no Llama piece holds "▁" after another character, so encoding
-  segment by segment gives the same ids as encoding the whole prompt (tests/test_data.py checks it).
-- bad rows (malformed, missing or corrupt images, too long) are skipped and counted, never fatal.
+  segment by segment gives the same ids as encoding the whole prompt (tests/test_official.py checks it
+  against the official code's own outputs).
+- text is text: "</s>" written in a message is never the end-of-sequence id.
+- bad rows (malformed, whitespace-only, missing or corrupt images, too long) are skipped and counted, never fatal.
 
-Prompts (REFERENCE.md), with the image placeholder always at the start of the first question:
-  plain:     <s> <image> {caption}\\n                      loss on "{caption}\\n"
-  vicuna_v1: <s> {SYSTEM} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+Prompts (REFERENCE.md); in training rows the image placeholder goes at the start of the first question:
+  plain:     <s> <image> {caption}\n                      loss on "{caption}\n"
+  vicuna_v1: <s> {SYSTEM} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
                                                           loss on " {a}" and </s> of every turn
+After each </s>, "USER:" is tokenized as the release was trained, "US" "ER" ":" (tok.turn_boundary, see
+Tokenizer.encode_after_special). Inference prompts (prompt_ids) take every message verbatim, as the official
+model_vqa_loader does.
 Benchmark the loader: python -m nanollava.data --bench /tmp/bench   (makes photo-like JPEGs there first)
 """
 import json
