@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import FIXTURES
+from test_data import _spans  # contiguous supervised runs of ids
 from nanollava.data import IGNORE_INDEX, IMAGE, DataError, LLaVADataset, conversation_ids, prompt_ids
 from nanollava.tokenizer import load_tokenizer
 
@@ -55,17 +56,6 @@ def _rows(stage):
 
 def _blank(row):
     return any(not t["value"].strip() for t in row["conversations"])
-
-
-def _spans(ids, labels):
-    runs, run = [], []
-    for i, label in zip(ids, labels):
-        if label == IGNORE_INDEX:
-            runs, run = (runs + [run] if run else runs), []
-        else:
-            assert label == i
-            run.append(i)
-    return runs + [run] if run else runs
 
 
 def _diff(ours, want):
