@@ -252,8 +252,10 @@ class Tokenizer:
         first = self._pieces[ids[0]]
         if not first.startswith(SPACE):
             return ids  # a vocabulary without "▁" spells the prefix in byte pieces, which are left alone
-        cut = self._ids.get(first[1:], self.unk_id) if len(first) > 1 else None
-        return ([cut if cut < self._n_base else self.unk_id] if cut is not None else []) + ids[1:]
+        if first == SPACE:
+            return ids[1:]  # a lone "▁" (before "\n", an emoji's bytes, ...) vanishes
+        cut = self._ids.get(first[1:], self.unk_id)  # sentencepiece's piece_to_id: unknown -> <unk>
+        return [cut if cut < self._n_base else self.unk_id] + ids[1:]
 
     def decode(self, ids):
         out, pending = [], bytearray()  # pending: a run of byte pieces, decoded together as UTF-8
