@@ -38,7 +38,7 @@ import torch
 import kernels
 from nanollava.checkpoint import read_json
 from nanollava.data import CLIP_MEAN, CLIP_STD, IMAGE, DataError, continuation_ids, load_image, prompt_ids
-from nanollava.llava import LLaVA
+from nanollava.llava import LLaVA, expand_image_tokens
 from nanollava.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = "out/stage2/model"
@@ -397,8 +397,7 @@ def bench(model_dir, device, dtype, n_new, repeats):
                          torch.randint(3, img, (12,), generator=g)])[None]
     S, P = cfg.vision.image_size, cfg.vision.num_patches
     pixels = torch.randn(1, 3, S, S, generator=g).to(device)
-    pos = int((ids[0] == img).nonzero())
-    hf_ids = torch.cat([ids[:, :pos], torch.full((1, P), img), ids[:, pos + 1:]], 1).to(device)  # llava-hf expands <image>
+    hf_ids = expand_image_tokens(ids, img, P).input_ids.to(device)  # llava-hf repeats <image> P times
     ids = ids.to(device)
     runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1),
             "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=torch.ones_like(hf_ids),

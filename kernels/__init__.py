@@ -34,19 +34,26 @@ def _triton(x):
     return HAS_TRITON and (BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda))
 
 
-def attention(q, k, v, causal: bool, mask=None):
+def attention(q, k, v, mask=None):
     """Scaled dot-product attention, (B, H, Tq, D), (B, H, Tk, D) -> (B, H, Tq, D), scale 1/sqrt(D).
 
-    Triton's flash_attention when the backend allows it, mask is None and Tq == Tk (causal:
-    query i attends keys 0..i). Everything else is PyTorch's F.scaled_dot_product_attention:
-    `mask` (bool, broadcastable to (B, 1, Tq, Tk), True = attend) serves left-padded batches
-    and decoding with a KV cache (Tq != Tk); it must already hold the causal part, since
-    `causal` is ignored when a mask is given. Without a mask and with Tq != Tk, SDPA's
-    is_causal aligns the mask top-left (query i sees keys 0..i), which is wrong for decoding.
+    `mask` says what each query sees, in one of three forms (the caller decides; nanollava's Llama does it
+    in llama.attention_plan):
+    - "causal": query i sees keys 0..i (Tq == Tk: a sequence from its start);
+    - None: every query sees every key (the vision tower, or one new token after a KV cache);
+    - a bool tensor broadcastable to (B, 1, Tq, Tk), True = attend, holding the causal part too
+      (left-padded batches, several new tokens after a cache).
+    Triton's flash_attention serves the first two when the backend allows it and Tq == Tk; everything
+    else is PyTorch's F.scaled_dot_product_attention. SDPA's is_causal aligns its mask top-left (query i
+    sees keys 0..i), which is wrong when Tq != Tk, so "causal" insists on Tq == Tk.
     """
-    if _triton(q) and mask is None and q.shape[-2] == k.shape[-2]:
+    causal = isinstance(mask, str)
+    if causal and (mask != "causal" or q.shape[-2] != k.shape[-2]):
+        raise ValueError(f"attention mask {mask!r} with {q.shape[-2]} queries and {k.shape[-2]} keys: "
+                         "the only string is 'causal', for as many queries as keys")
+    if _triton(q) and not torch.is_tensor(mask) and q.shape[-2] == k.shape[-2]:
         return flash_attention(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
 
 
 def norm(x, weight, eps):

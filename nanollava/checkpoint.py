@@ -8,6 +8,8 @@ shard, so loading never holds two copies of the weights. Names are mapped by one
 of (checkpoint prefix, nanollava prefix) pairs per layout; every checkpoint tensor is either used
 or dropped by an explicit list, every parameter is filled, every shape is checked, and any
 failure is one CheckpointError naming the file and the key.
+
+A model trained from scratch is materialised the other way, from its init (`from_scratch`).
 """
 import json
 import os
@@ -34,9 +36,10 @@ def read_json(path):
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
-def write_json(obj, path):
+def write_json(obj, path, indent=2):
+    """obj as JSON at path, whole or not at all: written to path.tmp, then renamed over path."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
 
 
@@ -116,6 +119,31 @@ def unrename(name, table):
         if name.startswith(new):
             return old + name[len(new):]
     return name
+
+
+def from_scratch(cls, cfg, device="cpu"):
+    """A model trained from scratch, built as nanochat builds one: its modules on the meta device (no memory,
+    no init), storage on `device` by to_empty, then its init_weights. Its init_weights first draws what a
+    build on a real device draws (draw_default_init), so under the same seed from_scratch(cls, cfg) holds
+    exactly the weights of cls(cfg), and a later init_weights(std=...) draws as it would after cls(cfg)."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+@torch.no_grad()
+def draw_default_init(model):
+    """PyTorch's default init of every submodule in module order (nn.Linear and nn.Conv2d kaiming-uniform
+    weights and uniform biases, nn.Embedding normal, norms ones and zeros): what building the modules on a
+    real device draws. A model's own init overwrites every value, but these draws move the random stream,
+    so a model built on the meta device replays them to get, from the same seed, the same weights. Needs
+    module order == construction order, which holds for every nanollava model (each builds its children in
+    the order it registers them)."""
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
 
 
 def load_weights(model, sources, dtype=None):

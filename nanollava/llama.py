@@ -8,11 +8,12 @@ is `layers.0.self_attn.q_proj` here). Notable:
 - RoPE in Hugging Face's layout (rotate_half over the two halves of a head, not interleaved), so
   the checkpoint's q/k weights load unpermuted; inv_freq is computed, never loaded.
 - A static KV cache for generation; positions and a padding mask make left-padded batches and
-  multi-turn chat on one cache work.
+  multi-turn chat on one cache work. attention_plan alone decides positions, mask and causality.
 """
 import functools
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from nanollava.checkpoint import load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.checkpoint import draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
 
 
 @dataclass
@@ -50,6 +51,10 @@ class LlamaConfig:
 PRESETS = {
     "vicuna-7b": LlamaConfig(),
     "vicuna-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # the offline world's stand-in, as prepare.py's defaults build it (its own 1024-piece tokenizer; 384 = 8/3 x 128
+    # rounded up to a multiple of 64)
+    "world": LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=8, max_position_embeddings=2048),
 }
 
 
@@ -107,6 +112,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * hs, C, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):
+        """mask: what each query sees, as attention_plan decided it (kernels.attention's three forms)."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, -1).transpose(1, 2)    # (B, nkv, T, hs)
@@ -119,8 +125,7 @@ class Attention(nn.Module):
             k, v = cache.k[self.idx][:, :, :end], cache.v[self.idx][:, :, :end]
         if self.n_kv != self.n_head:
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
-        # plain causal self-attention takes the fused kernel; masks (padding, cached prefix) take SDPA
-        y = kernels.attention(q, k, v, causal=mask is None and k.shape[2] == T, mask=mask)
+        y = kernels.attention(q, k, v, mask)  # "causal" and None may take the fused kernel, a tensor takes SDPA
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -159,12 +164,20 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block's activations in backward (train.py --grad-checkpointing)
-        self.init_weights()
+        self.drew_defaults = not self.lm_head.weight.is_meta  # built on a real device: the modules drew their default init
+        if self.drew_defaults:  # on the meta device (loading, or from_scratch) nothing is drawn until init_weights
+            self.init_weights()
 
+    @torch.no_grad()
     def init_weights(self, std=0.02):
-        """Llama's init (normal 0.02, norms at one) for a model trained from scratch; from_pretrained overwrites it."""
-        if self.lm_head.weight.is_meta:
-            return  # built on the meta device to be loaded: nothing to init (and init on meta is slow to import)
+        """All of the model's init, for a model trained from scratch (the world's stand-in); from_pretrained
+        overwrites it. After a meta build (checkpoint.from_scratch) it first draws PyTorch's default init
+        (checkpoint.draw_default_init), once, so a seed gives the same weights however the model was built.
+        Then, from the global RNG in module order: every Linear and Embedding weight normal(0, std), RMSNorms
+        one: Llama's init (initializer_range 0.02, meant for width 4096; the world's stand-in uses 0.06)."""
+        if not self.drew_defaults:
+            draw_default_init(self)
+            self.drew_defaults = True
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
@@ -179,30 +192,16 @@ class Llama(nn.Module):
         them only where a label follows, which saves the head's compute and most of the logits' memory."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        plan = attention_plan(B, T, attention_mask, cache, x.device)
         start = cache.len if cache is not None else 0
-        padded = attention_mask is not None and not attention_mask.bool().all()
-        if cache is not None:
-            if start + T > cache.max_len:
-                raise ValueError(f"{start + T} tokens exceed the KV cache of {cache.max_len}")
-            if attention_mask is not None:
-                cache.mask[:, start:start + T] = attention_mask.bool()
-            cache.padded = cache.padded or padded
-            key_mask = cache.mask[:, :start + T] if cache.padded else None
-        else:
-            key_mask = attention_mask.bool() if padded else None
-        if key_mask is None:
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        else:  # a token's position counts the real tokens before it, so left padding shifts nothing
-            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        mask = attention_mask_for(T, start, key_mask, x.device)
         cfg = self.config
-        cos, sin = rope(positions, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
+        cos, sin = rope(plan.positions, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
                         max(cfg.max_position_embeddings, start + T), x.dtype)
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, plan.mask, cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, plan.mask, cache)
         if cache is not None:
             cache.len += T
         x = self.norm(x)
@@ -231,16 +230,45 @@ def llama_unused(key):
     return key.endswith("rotary_emb.inv_freq")  # old checkpoints saved the RoPE buffer; it is recomputed
 
 
-def attention_mask_for(T, start, key_mask, device):
-    """None where no mask is needed: plain causal attention from position 0 (the fused kernel's case), or one
-    new token after an unpadded cache (it sees every key; decoding skips building a mask at every step).
-    Else a boolean (B or 1, 1, T, start + T) mask: causal over the cached prefix plus the new tokens, no padding
-    keys. A query always sees itself, so padding rows never become all-masked (which would give NaN)."""
-    if key_mask is None and (start == 0 or T == 1):
-        return None
-    q = torch.arange(start, start + T, device=device)[:, None]
-    k = torch.arange(start + T, device=device)[None, :]
-    mask = (k <= q)[None, None]
-    if key_mask is not None:
-        mask = (mask & key_mask[:, None, None, :]) | (k == q)
-    return mask
+class Plan(NamedTuple):
+    positions: torch.Tensor  # (B, T) the RoPE position of each new token
+    mask: object  # kernels.attention's mask: "causal", None (every key) or bool (B or 1, 1, T, start + T)
+
+
+def attention_plan(B, T, attention_mask, cache, device):
+    """The one place that decides, for a forward call of T new tokens, their positions and what they attend
+    to (and records their padding in the cache, if any). attention_mask (B, T): 1 real, 0 padding.
+    - From position 0 with no padding, or with padding only on the right and no cache: "causal" (the fused
+      kernel's case; causal attention never lets a real token see a padding key on its right, and nothing
+      reads the outputs at padding positions, so a right-padded training batch needs no mask).
+    - One new token after a cache that holds no padding: None, it sees every key (decoding builds no mask
+      at every step).
+    - Else a boolean (B or 1, 1, T, start + T) mask: causal over the cached prefix plus the new tokens, no
+      padding keys. A query always sees itself, so padding rows never become all-masked (which gives NaN).
+    With padding (left padding in generation), a token's position counts the real tokens before it, so the
+    padding shifts nothing; a padded cache keeps its mask for every later call (multi-turn chat)."""
+    start = cache.len if cache is not None else 0
+    real = None if attention_mask is None else attention_mask.bool()
+    padded = real is not None and not bool(real.all())
+    if cache is not None:
+        if start + T > cache.max_len:
+            raise ValueError(f"{start + T} tokens exceed the KV cache of {cache.max_len}")
+        if real is not None:
+            cache.mask[:, start:start + T] = real
+        cache.padded = cache.padded or padded
+        key_mask = cache.mask[:, :start + T] if cache.padded else None
+    else:
+        right_only = padded and bool((real[:, 1:] <= real[:, :-1]).all())
+        key_mask = real if padded and not right_only else None
+    if key_mask is None:
+        positions = torch.arange(start, start + T, device=device).expand(B, T)
+        return Plan(positions, "causal" if start == 0 else None if T == 1 else causal_mask(T, start, device))
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+    itself = torch.arange(start, start + T, device=device)[:, None] == torch.arange(start + T, device=device)  # (T, start + T)
+    return Plan(positions, (causal_mask(T, start, device) & key_mask[:, None, None, :]) | itself)
+
+
+def causal_mask(T, start, device):
+    """(1, 1, T, start + T) bool: new token i (at position start + i) sees keys 0..start + i."""
+    q, k = torch.arange(start, start + T, device=device)[:, None], torch.arange(start + T, device=device)[None, :]
+    return (k <= q)[None, None]

@@ -13,6 +13,7 @@ newer llava-hf layout so that transformers' LlavaForConditionalGeneration loads 
 """
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,17 +21,19 @@ import torch.nn.functional as F
 
 from nanollava.checkpoint import CheckpointError, load_weights, read_json, save_weights, unrename, weight_files, write_json
 from nanollava.llama import PRESETS as LLAMA_PRESETS, KVCache, Llama, LlamaConfig, llama_unused
-from nanollava.vit import ViT, ViTConfig, clip_unused
+from nanollava.vit import PRESETS as VIT_PRESETS, ViT, ViTConfig, clip_unused
 
 IMAGE_TOKEN_INDEX = -200  # the official code's placeholder id: not in the vocabulary, replaced before embedding
 
 # checkpoint prefix -> parameter prefix, first match wins (ViT.KEYS and Llama.KEYS inside each model)
-HF_KEYS = [  # llava-hf as on the hub (what nanollava writes), then the variants transformers versions write
+HF_HUB_KEYS = [  # llava-hf as on the hub: what nanollava writes (save_pretrained), and the first layout read
     ("vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
     ("vision_tower.vision_model.", "vision_tower."),
     ("multi_modal_projector.", "multi_modal_projector."),
     ("language_model.lm_head.", "language_model.lm_head."),
     ("language_model.model.", "language_model."),
+]
+HF_KEYS = HF_HUB_KEYS + [  # then the variants transformers versions write, read only
     ("vision_tower.encoder.layers.", "vision_tower.layers."),
     ("vision_tower.", "vision_tower."),
     ("model.vision_tower.vision_model.encoder.layers.", "vision_tower.layers."),
@@ -58,9 +61,12 @@ class LLaVAConfig:
     pad_token_id: int = 0  # the official code pads with <unk>; llava-hf adds <pad> = 32001
 
 
-PRESETS = {  # the official checkpoints' shapes (vocabulary 32000, image placeholder -200)
+PRESETS = {  # the official checkpoints' shapes (vocabulary 32000, image placeholder -200), and the world's
     "llava-1.5-7b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-7b"]),
     "llava-1.5-13b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-13b"]),
+    # what from_base makes of prepare.py's stand-ins: the vocabulary gains <image> 1024 and <pad> 1025, padded to 1088
+    "world": LLaVAConfig(VIT_PRESETS["world"], replace(LLAMA_PRESETS["world"], vocab_size=1088), image_token_id=1024,
+                         pad_token_id=1025),
 }
 
 
@@ -69,8 +75,16 @@ class Projector(nn.Module):
 
     def __init__(self, vision_dim, text_dim):
         super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_1 = nn.Linear(vision_dim, text_dim)  # on a real device each nn.Linear draws its init as it is built
         self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All of the projector's init: PyTorch's nn.Linear default (kaiming-uniform weights, uniform biases
+        within 1/sqrt(fan_in)), linear_1 then linear_2, as the official code leaves it. Building on a real device
+        already draws it; after a meta build and to_empty, this draws the same from the same seed."""
+        self.linear_1.reset_parameters()
+        self.linear_2.reset_parameters()
 
     def forward(self, x):
         return self.linear_2(F.gelu(self.linear_1(x)))
@@ -84,57 +98,40 @@ class LLaVA(nn.Module):
         self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.language_model = Llama(cfg.text)
 
+    def init_weights(self):
+        """From scratch, after a meta build (checkpoint.from_scratch): each part's init_weights, in the order
+        the constructor builds them, so the same seed gives the weights of LLaVA(cfg) on a real device."""
+        self.vision_tower.init_weights()
+        self.multi_modal_projector.init_weights()
+        self.language_model.init_weights()
+
     @property
     def image_token_id(self):
         return self.config.image_token_id
 
     def embed(self, input_ids, pixel_values=None, attention_mask=None, labels=None, left=None):
         """Token embeddings with each image placeholder expanded into its P projected features.
-        (B, T) ids -> (B, T', C) embeddings, and the mask and labels over the expanded sequence.
-        Rows keep their padding side: left-padded rows stay right-aligned, right-padded left-aligned.
-        left=True right-aligns rows even when the mask has no padding (generation: rows of equal token
-        length but different image counts still must end together); None infers it from the mask."""
+        (B, T) ids -> (B, T', C) embeddings, and the mask and labels over the expanded sequence. The layout
+        (where each token and image row lands, which padding side, `left`) is expand_image_tokens'; here
+        only the embedding and the splice, one masked assignment of the image rows."""
         is_img = input_ids == self.image_token_id
         n_img, n_px = int(is_img.sum()), 0 if pixel_values is None else pixel_values.shape[0]
         if n_img != n_px:
             raise ValueError(f"input_ids hold {n_img} image placeholders but {n_px} images were given")
-        ids = input_ids.masked_fill(is_img, 0)  # the placeholder may lie outside the vocabulary (-200)
         if n_img == 0:
-            return self.language_model.embed_tokens(ids), attention_mask, labels
+            return self.language_model.embed_tokens(input_ids), attention_mask, labels
         feats = self.vision_tower(pixel_values)  # (N, P, Cv)
         feats = self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype))  # (N, P, C)
-        B, T = ids.shape
-        P, dev = feats.shape[1], ids.device
-        width = torch.where(is_img, P, 1)
-        end = width.cumsum(1)
-        length = end[:, -1]
-        Tn = int(length.max())
-        if left is None:
-            left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
-        start = end - width + ((Tn - length)[:, None] if left else 0)  # where each old token lands
-        rows = torch.arange(B, device=dev)[:, None].expand(B, T)
-        new_ids = torch.zeros(B, Tn, dtype=ids.dtype, device=dev)
-        new_ids[rows, start] = ids
-        img = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
-        img[rows[is_img][:, None], start[is_img][:, None] + torch.arange(P, device=dev)] = True
-        mask = torch.zeros(B, Tn, dtype=torch.long, device=dev)
-        mask[rows, start] = 1 if attention_mask is None else attention_mask.long()
-        mask[img] = 1
-        if labels is not None:
-            new_labels = torch.full((B, Tn), -100, dtype=labels.dtype, device=dev)
-            new_labels[rows, start] = labels
-            labels = new_labels
-        x = self.language_model.embed_tokens(new_ids)
-        x = x.masked_scatter(img[..., None], feats.to(x.dtype))  # images fill their slots in order
-        return x, (None if bool(mask.all()) else mask), labels
+        ex = expand_image_tokens(input_ids, self.image_token_id, feats.shape[1], attention_mask, labels, left)
+        x = self.language_model.embed_tokens(ex.input_ids.masked_fill(ex.image, 0))  # the placeholder may lie outside the vocabulary (-200)
+        x = x.masked_scatter(ex.image[..., None], feats.to(x.dtype))  # the splice: image rows fill their slots in order
+        return x, (None if bool(ex.attention_mask.all()) else ex.attention_mask), ex.labels
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean"):
         """input_ids (B, T) with one image_token_id per image, pixel_values (N, 3, S, S) in placeholder order.
         Returns logits (B, T', vocab) over the expanded sequence, or with labels (B, T) (-100 = no loss)
         the next-token cross-entropy over supervised tokens ('mean' or 'sum')."""
-        x, mask, labels = self.embed(input_ids, pixel_values, attention_mask, labels)
-        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            mask = None  # right padding only: causal attention never lets a real token see it
+        x, mask, labels = self.embed(input_ids, pixel_values, attention_mask, labels)  # llama.attention_plan reads mask
         if labels is None:
             return self.language_model(inputs_embeds=x, attention_mask=mask)
         targets = labels[:, 1:]
@@ -223,7 +220,8 @@ class LLaVA(nn.Module):
         with torch.device("meta"):
             model = cls(LLaVAConfig(vit.config, llm.config, image_token_id=V, pad_token_id=V + 1))
         model.vision_tower, model.language_model = vit, llm
-        model.multi_modal_projector = Projector(vit.config.hidden_size, llm.config.hidden_size).to(dtype)  # PyTorch's default init, as official
+        model.multi_modal_projector.to_empty(device=llm.lm_head.weight.device).init_weights()  # PyTorch's default, as official
+        model.multi_modal_projector.to(dtype)
         return model
 
     def save_pretrained(self, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
@@ -233,7 +231,7 @@ class LLaVA(nn.Module):
         if self.image_token_id < 0:
             raise ValueError("the image placeholder is not in the vocabulary (official layout); llava-hf needs an <image> token")
         sd = self.state_dict() if state_dict is None else state_dict
-        save_weights({unrename(k, HF_KEYS[:5]): v for k, v in sd.items()}, out_dir, max_shard_bytes)
+        save_weights({unrename(k, HF_HUB_KEYS): v for k, v in sd.items()}, out_dir, max_shard_bytes)
         write_json(self.vision_tower.preprocessor_config(), Path(out_dir) / "preprocessor_config.json")
         vision = self.vision_tower.config_json()
         text = {**self.language_model.config_json(), "pad_token_id": self.config.pad_token_id}
@@ -246,6 +244,52 @@ class LLaVA(nn.Module):
                     "multimodal_projector_bias": True, "tie_word_embeddings": False, "image_aspect_ratio": "pad",
                     "dtype": str(self.language_model.lm_head.weight.dtype).removeprefix("torch."),
                     "vision_config": vision, "text_config": text}, Path(out_dir) / "config.json")
+
+
+def splice_index(is_image, P, left):
+    """Where the splice puts everything, a pure function of where the placeholders are: is_image (B, T) bool
+    and P feature rows per image -> start (B, T), the expanded position of each input token (of a placeholder:
+    its first image row), and image (B, T') bool, the positions image rows fill, row-major (so images fill
+    them in placeholder order). A placeholder is P wide, any other token 1; T' is the longest row; left=True
+    right-aligns the rows (shorter rows start later: left padding, as generation needs), else left-aligns."""
+    B, T = is_image.shape
+    width = torch.where(is_image, P, 1)  # (B, T)
+    end = width.cumsum(1)  # one past each token's last position
+    length = end[:, -1]  # (B,) each row's expanded length
+    Tn = int(length.max())
+    start = end - width + ((Tn - length)[:, None] if left else 0)
+    image = torch.zeros(B, Tn, dtype=torch.bool, device=is_image.device)
+    rows = torch.arange(B, device=is_image.device)[:, None].expand(B, T)
+    image[rows[is_image][:, None], start[is_image][:, None] + torch.arange(P, device=is_image.device)] = True
+    return start, image
+
+
+class Expanded(NamedTuple):
+    input_ids: torch.Tensor  # (B, T') each placeholder repeated P times, pad_id in the padding
+    attention_mask: torch.Tensor  # (B, T') long: 1 for tokens and image rows, 0 for padding
+    labels: torch.Tensor  # (B, T') or None: -100 at the image rows past the first and in the padding
+    image: torch.Tensor  # (B, T') bool: the positions the image rows fill
+
+
+def expand_image_tokens(input_ids, image_token_id, P, attention_mask=None, labels=None, left=None, pad_id=0):
+    """The prompt with each image placeholder repeated P times, as llava-hf's processor writes it for
+    transformers' LlavaForConditionalGeneration, and the layout LLaVA.embed fills. Rows keep their padding
+    side: left-padded rows stay right-aligned, right-padded left-aligned. left=True right-aligns rows even
+    when the mask has no padding (generation: rows of equal token length but different image counts still
+    must end together); None infers it from the mask."""
+    if left is None:
+        left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
+    start, image = splice_index(input_ids == image_token_id, P, left)
+    B, T = input_ids.shape
+    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
+
+    def place(values, fill):  # each input token's value at its expanded position, fill elsewhere
+        out = torch.full(image.shape, fill, dtype=values.dtype, device=values.device)
+        out[rows, start] = values
+        return out
+    ids = place(input_ids, pad_id).masked_fill(image, image_token_id)
+    mask = place(torch.ones_like(input_ids) if attention_mask is None else attention_mask.long(), 0).masked_fill(image, 1)
+    return Expanded(ids, mask, None if labels is None else place(labels, -100), image)
 
 
 def sample(logits, temperature, top_p, generator=None):

@@ -17,10 +17,8 @@ import torch
 import torch.nn as nn
 
 import kernels
-from nanollava.checkpoint import CheckpointError, load_weights, read_json, save_weights, unrename, weight_files, write_json
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from nanollava.checkpoint import CheckpointError, draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.data import CLIP_MEAN, CLIP_STD  # preprocessing's, so data.py owns them (it never imports the models)
 
 
 @dataclass
@@ -48,7 +46,12 @@ class ViTConfig:
         return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
-PRESETS = {"clip-vit-large-patch14-336": ViTConfig()}
+PRESETS = {
+    "clip-vit-large-patch14-336": ViTConfig(),
+    # the offline world's stand-in, as prepare.py's defaults build it: 72 px in 3x3 patches, one per named cell
+    "world": ViTConfig(image_size=72, patch_size=24, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                       num_attention_heads=4),
+}
 
 
 class Embeddings(nn.Module):
@@ -76,7 +79,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = kernels.attention(q, k, v, causal=False)  # every token sees every token; scale hs^-0.5
+        y = kernels.attention(q, k, v, None)  # mask None: every token sees every token; scale hs^-0.5
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -116,12 +119,20 @@ class ViT(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # in the checkpoint; LLaVA never applies it
-        self.init_weights()
+        self.drew_defaults = not self.pre_layrnorm.weight.is_meta  # built on a real device: the modules drew their default init
+        if self.drew_defaults:  # on the meta device (loading, or from_scratch) nothing is drawn until init_weights
+            self.init_weights()
 
+    @torch.no_grad()
     def init_weights(self, std=0.02):
-        """CLIP-like init for a tower trained from scratch (the tiny default); from_pretrained overwrites it."""
-        if self.pre_layrnorm.weight.is_meta:
-            return  # built on the meta device to be loaded: nothing to init (and init on meta is slow to import)
+        """All of the tower's init, for a tower trained from scratch (the world's stand-in); from_pretrained
+        overwrites it. After a meta build (checkpoint.from_scratch) it first draws PyTorch's default init
+        (checkpoint.draw_default_init), once, so a seed gives the same weights however the tower was built.
+        Then, from the global RNG in module order: every Linear, Conv2d and Embedding weight normal(0, std),
+        biases zero, LayerNorms one and zero, and last class_embedding normal(0, std): CLIP-like."""
+        if not self.drew_defaults:
+            draw_default_init(self)
+            self.drew_defaults = True
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)

@@ -14,6 +14,7 @@ from nanollava.data import (CLIP_MEAN, IGNORE_INDEX, SHORT_ANSWER, SYSTEM, DataE
                             collate, continuation_ids, conversation_ids, epoch_order, expand2square, load_image,
                             prompt_ids)
 from nanollava.tokenizer import load_tokenizer, train_tokenizer
+from oracles import hf_llama_tokenizer, tokenizer_image_token
 
 # ----------------------------------------------------------------------------- the official procedure
 
@@ -49,29 +50,13 @@ class SlowLlamaTokenizer:
 
 
 def transformers_tokenizer(path):
-    """transformers' own LlamaTokenizer(legacy=False) (transformers 5: the fast one; building it from a
-    tokenizer.model needs protobuf, so vocabulary and merges are handed over from sentencepiece)."""
-    spm = pytest.importorskip("sentencepiece")
-    transformers = pytest.importorskip("transformers")
-    from transformers.tokenization_utils_base import generate_merges
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
-    hf = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=False)
+    """transformers' own LlamaTokenizer(legacy=False), BOS added as add_bos_token=True does."""
+    hf = hf_llama_tokenizer(path)
 
     def encode(text):
         ids = hf(text).input_ids
         return ids if ids[:1] == [1] else [1] + ids  # add BOS as add_bos_token=True does
     return encode
-
-
-def tokenizer_image_token(prompt, tokenizer, image_token_index):
-    """Official llava/mm_utils.py: encode the chunks around <image>, keep one BOS, join with the image id."""
-    chunks = [tokenizer(chunk) for chunk in prompt.split("<image>")]
-    ids = [chunks[0][0]]
-    for k, chunk in enumerate(chunks):
-        ids += ([image_token_index] if k else []) + chunk[1:]
-    return ids
 
 
 def official_prompt(pairs):

@@ -177,22 +177,22 @@ def _small():
 def test_use_triton_routes_to_triton(spies):
     q, k, v, x, w = _small()
     kernels.use("triton")
-    out = kernels.attention(q, k, v, causal=True)
+    out = kernels.attention(q, k, v, "causal")
     y = kernels.norm(x, w, 1e-5)
     assert spies == {"flash_attention": 1, "rms_norm": 1}
     _check_close(["attention"], [out], [attention_ref(q, k, v, True)], atol=1e-4)
     _check_close(["norm"], [y], [rms_norm_ref(x, w, 1e-5)], atol=1e-4)
     # A mask, or Tq != Tk (decoding with a KV cache), goes to PyTorch's SDPA even so.
     mask = torch.ones(1, 1, 17, 17, dtype=torch.bool, device=DEVICE).tril()
-    _check_close(["masked"], [kernels.attention(q, k, v, causal=True, mask=mask)], [out], atol=1e-4)
-    kernels.attention(q[:, :, -1:], k, v, causal=False)
+    _check_close(["masked"], [kernels.attention(q, k, v, mask=mask)], [out], atol=1e-4)
+    kernels.attention(q[:, :, -1:], k, v, None)
     assert spies["flash_attention"] == 1
 
 
 def test_use_torch_routes_to_reference(spies):
     q, k, v, x, w = _small()
     kernels.use("torch")
-    out = kernels.attention(q, k, v, causal=True)
+    out = kernels.attention(q, k, v, "causal")
     y = kernels.norm(x, w, 1e-5)
     assert spies == {"flash_attention": 0, "rms_norm": 0}
     _check_close(["attention"], [out], [attention_ref(q, k, v, True)], atol=1e-5)
@@ -202,7 +202,7 @@ def test_use_torch_routes_to_reference(spies):
 def test_auto_follows_the_device(spies):
     q, k, v, x, w = _small()
     kernels.use("auto")
-    kernels.attention(q, k, v, causal=False)
+    kernels.attention(q, k, v, None)
     kernels.norm(x, w, 1e-5)
     n = 1 if q.is_cuda else 0
     assert spies == {"flash_attention": n, "rms_norm": n}
@@ -220,7 +220,7 @@ def test_imports_and_falls_back_without_triton():
         "import torch, kernels\n"
         "from kernels.flash import HAS_TRITON; assert not HAS_TRITON\n"
         "q = torch.randn(1, 2, 5, 16)\n"
-        "o = kernels.attention(q, q, q, causal=True)\n"
+        "o = kernels.attention(q, q, q, 'causal')\n"
         "y = kernels.norm(torch.randn(3, 8), torch.ones(8), 1e-5)\n"
         "assert o.shape == q.shape and y.shape == (3, 8)\n"
         "try:\n    kernels.use('triton')\nexcept ValueError:\n    pass\n"

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -10,11 +11,12 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig as HFLlamaConfig,
-                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration)
+                          LlamaForCausalLM, LlavaForConditionalGeneration)
 
 from nanollava import LLaVA, Llama, ViT
 from nanollava.checkpoint import CheckpointError
-from nanollava.llava import PRESETS
+from nanollava.llava import PRESETS, expand_image_tokens
+from oracles import close, hf_llava, save_bin
 
 torch.manual_seed(0)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=42,
@@ -24,45 +26,14 @@ TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_la
 IMAGE_ID = 318  # inside the vocabulary, like llava-hf's <image> = 32000
 
 
-def close(a, b, tol, what):
-    d = (a.float() - b.float()).abs()
-    assert d.max() <= tol, f"{what}: max abs diff {d.max():.3g}, mean {d.mean():.3g} (tolerance {tol})"
-
-
-def hf_llava(tmp_path):
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=HFLlamaConfig(**TEXT),
-                      image_token_index=IMAGE_ID, image_seq_length=9, vision_feature_layer=-2)
-    hf = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random biases and norms, so a wrong mapping cannot hide behind zeros and ones
-        for n, p in hf.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.normal_(0.5 if n.endswith("weight") else 0.0, 0.1)
-    hf.save_pretrained(tmp_path / "hf")
-    return hf, tmp_path / "hf"
-
-
-def save_bin(model, d, shards=1, half=False):
-    """Pickled .bin weights as lmsys and openai ship them (transformers no longer writes these): one file, or
-    shards with pytorch_model.bin.index.json."""
-    d.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(d)
-    sd = {k: (v.half() if half else v).contiguous() for k, v in model.state_dict().items()}
-    if shards == 1:
-        return torch.save(sd, d / "pytorch_model.bin")
-    keys, weight_map = list(sd), {}
-    for i in range(shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = keys[i::shards]
-        torch.save({k: sd[k] for k in part}, d / name)
-        weight_map.update({k: name for k in part})
-    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+hf_llava = partial(hf_llava, vision=VISION, text=TEXT, image_id=IMAGE_ID)
 
 
 def prompt(model_image_id, n=9):
     """A prompt with the image in the middle, and the same prompt as llava-hf expects it (n placeholders)."""
     left, right = torch.randint(3, 300, (7,)).tolist(), torch.randint(3, 300, (5,)).tolist()
     ours = torch.tensor([[1] + left + [model_image_id] + right])
-    theirs = torch.tensor([[1] + left + [IMAGE_ID] * n + right])
+    theirs = expand_image_tokens(torch.tensor([[1] + left + [IMAGE_ID] + right]), IMAGE_ID, n).input_ids
     return ours, theirs
 
 

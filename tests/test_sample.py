@@ -18,6 +18,7 @@ from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.tokenizer import train_tokenizer
 from nanollava.vit import ViTConfig
+from oracles import hf_llama_tokenizer, tokenizer_image_token
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = dict(image_size=42, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -177,19 +178,6 @@ def test_chat_keeps_the_cache(tiny, loaded, cli):
 
 # ----------------------------------------------------------------------------- the official LLaVA-1.5 procedure
 
-def official_tokenizer_image_token(prompt, tokenizer, image_token_index=-200):
-    """LLaVA's llava/mm_utils.py tokenizer_image_token: each chunk around <image> tokenized with its BOS, BOS kept once."""
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
-    ids, offset = [], 0
-    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        ids.append(chunks[0][0])
-    separated = [x for chunk in chunks for x in (chunk, [image_token_index] * (offset + 1))][:-1]
-    for x in separated:
-        ids.extend(x[offset:])
-    return ids
-
-
 def official_pixels(path, size, processor):
     """LLaVA's expand2square with the CLIP mean as bytes, then transformers' CLIPImageProcessor."""
     img = Image.open(path).convert("RGB")
@@ -204,7 +192,6 @@ def test_official_checkpoint_prompt_and_greedy_tokens(tiny, tmp_path, sp_model_p
     transformers = pytest.importorskip("transformers")
     spm = pytest.importorskip("sentencepiece")
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig as HFLlamaConfig, LlamaForCausalLM
-    from transformers.tokenization_utils_base import generate_merges
     torch.manual_seed(1)
     text = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=512, tie_word_embeddings=False)
@@ -228,10 +215,8 @@ def test_official_checkpoint_prompt_and_greedy_tokens(tiny, tmp_path, sp_model_p
     ids, _, pixels = sample.encode(model, tok, pre, [(tiny / "noise.png", Q1)])
     # the official prompt: conv_vicuna_v1 with "<image>\n" before the question, tokenizer_image_token on the
     # HF Llama tokenizer with legacy=False (built from tokenizer.model as transformers' converter does)
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
-    hf_tok = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=False, add_bos_token=True)
+    hf_tok = hf_llama_tokenizer(sp_model_path, add_bos_token=True)
+    official_tokenizer_image_token = lambda prompt, tok: tokenizer_image_token(prompt, lambda t: tok(t).input_ids, -200, tok.bos_token_id)
     prompt = f"{SYSTEM} USER: <image>\n{Q1} ASSISTANT:"
     assert ids[0].tolist() == official_tokenizer_image_token(prompt, hf_tok)
     processor = CLIPImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from nanollava.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from oracles import hf_llama_tokenizer
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -93,14 +94,10 @@ def test_llama_conventions(sp_model_path):
 
 
 def test_tokenizer_json_written_by_transformers(sp_model_path, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from transformers.tokenization_utils_base import generate_merges
     sp = _sp(sp_model_path)
-    # transformers 5 converts tokenizer.model only with protobuf installed; this is the same conversion
-    # (SentencePieceExtractor) done by hand: vocabulary and scores from sentencepiece, merges by transformers.
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
-    hf = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=False)
+    # transformers 5 converts tokenizer.model only with protobuf installed; oracles does the same conversion
+    # (SentencePieceExtractor) by hand: vocabulary and scores from sentencepiece, merges by transformers.
+    hf = hf_llama_tokenizer(sp_model_path)
     hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
     hf.add_special_tokens({"pad_token": "<pad>"})
     hf.save_pretrained(tmp_path)

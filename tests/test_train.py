@@ -98,12 +98,13 @@ def test_nan_loss_stops_naming_last_good_checkpoint(tiny_world, tmp_path):
 def test_export_loads_in_transformers_with_same_logits(trained):
     transformers = pytest.importorskip("transformers")
     from nanollava import LLaVA
+    from nanollava.llava import expand_image_tokens
     d = trained / "stage2" / "model"
     ours = LLaVA.from_pretrained(d)
     theirs = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
     P = ours.config.vision.num_patches
     ids = torch.tensor([[1, 5, ours.image_token_id, 7, 8, 9]])
-    hf_ids = torch.tensor([[1, 5] + [ours.image_token_id] * P + [7, 8, 9]])
+    hf_ids = expand_image_tokens(ids, ours.image_token_id, P).input_ids  # llava-hf repeats <image> P times
     px = torch.randn(1, 3, ours.config.vision.image_size, ours.config.vision.image_size)
     with torch.no_grad():
         d_max = (ours(ids, px) - theirs(input_ids=hf_ids, pixel_values=px).logits).abs().max()
