@@ -136,20 +136,20 @@ def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM
     return [tok.bos_id, image_token_id] + caption, [IGNORE_INDEX, IGNORE_INDEX] + caption
 
 
-def prompt_ids(turns, tok, image_token_id):
+def prompt_ids(turns, tok, image_token_id, system=SYSTEM):
     """vicuna_v1 prompt ending in "ASSISTANT:" for generation, as the official inference code builds it
     (model_vqa_loader, the CLI): every message verbatim, whitespace kept, so "<image>\nWhat does the sign say?  "
     ends in "say?   ASSISTANT:" and a question that is only "<image>" is followed by " ASSISTANT:".
     turns: [(question, answer), ..., (question, None)] or LLaVA turns ending with a human one. "<image>" marks
     the image: at most once, in the first question, where the caller puts it (the official loaders put
-    "<image>\n" in front of the question)."""
+    "<image>\n" in front of the question). system="" leaves the system prompt out."""
     pairs = _pairs(turns, open_end=True)
     if pairs[0][0].count(IMAGE) > 1 or any(IMAGE in q for q, _ in pairs[1:]):
         raise DataError(f"{IMAGE} can only be in the first question, once")
     if any(not q for q, _ in pairs) or any(a == "" for _, a in pairs):
         # The official get_prompt() writes an empty message as "USER:" with no separator: never trained on.
         raise DataError("an empty question or answer", "empty text")
-    return _vicuna(pairs, tok, image_token_id)[0]
+    return _vicuna(pairs, tok, image_token_id, system)[0]
 
 
 def continuation_ids(question, tok):
