@@ -43,7 +43,6 @@ from nanollava.data import LLaVADataset, batch_indices, collate
 from nanollava.flops import peak_flops, step_flops
 from nanollava.fsdp import (all_sum, check_shared_out, clip_grad_norm, ignore_sigterm, init_group, load_checkpoint, reduce_sum,
                             save_checkpoint, shard, trim_log)
-from nanollava.llava import expand_image_tokens
 from nanollava.recipes import RECIPES, Recipe, fit_micro_batch
 from nanollava.schedule import cosine_lr
 from nanollava.tokenizer import load_tokenizer
@@ -79,7 +78,6 @@ parser.add_argument("--accumulate-unsharded", action="store_true", help="reduce-
                     "micro-batch: less traffic, but a full fp32 gradient per GPU between micro-batches (27 GB for 7B)")
 parser.add_argument("--timeout-min", type=float, default=60, help="collective timeout in minutes (covers rank 0's export)")
 parser.add_argument("--strict", action="store_true", help="stop at the first bad dataset row instead of skipping it")
-parser.add_argument("--bench", type=int, metavar="STEPS", help="time STEPS stage-2 steps of nanollava and of transformers' Llava on the same batch, print both and the ratio, exit")
 
 
 def recipe_from_args(args):
@@ -366,46 +364,6 @@ def export(stage, model, tok, final, rank):
     dist.barrier()
 
 
-def bench(args):
-    """Stage-2 training step (forward, backward, AdamW) of nanollava against transformers' LlavaForConditionalGeneration,
-    same weights, same batch, timed in one run. transformers is imported here only (it is a test dependency)."""
-    import tempfile
-    from transformers import LlavaForConditionalGeneration
-    manifest_path = Path(args.data or RECIPES[args.recipe].data)
-    manifest = json.loads(manifest_path.read_text())
-    where = lambda p: manifest_path.parent / p
-    torch.manual_seed(args.seed)
-    ours = LLaVA.from_base(where(manifest["clip"]), where(manifest["vicuna"]))
-    tok = load_tokenizer(where(manifest["vicuna"]))
-    tok.add_special_tokens(["<image>", "<pad>"])
-    with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
-        theirs = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa")
-    S, P = ours.config.vision.image_size, ours.config.vision.num_patches
-    ds = LLaVADataset(where(manifest["stage2"]["data"]), where(manifest["stage2"]["image_root"]), tok, "vicuna_v1",
-                      ours.image_token_id, image_size=S, image_seq_len=P)
-    b = collate([ds[i] for i in range(args.micro_batch or 16)], tok.pad_id)
-    # transformers wants each <image> already repeated P times
-    hf_ids, hf_mask, hf_labels, _ = expand_image_tokens(b["input_ids"], ours.image_token_id, P, b["attention_mask"],
-                                                        b["labels"], pad_id=tok.pad_id)
-    steps = {"nanollava": lambda: ours(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"]),
-             "transformers": lambda: theirs(input_ids=hf_ids, pixel_values=b["pixel_values"], attention_mask=hf_mask, labels=hf_labels).loss}
-    opts, times = {}, {"nanollava": 0.0, "transformers": 0.0}
-    for name, model in (("nanollava", ours), ("transformers", theirs)):
-        model.train().requires_grad_(True)
-        (model.vision_tower if model is ours else theirs.model.vision_tower).requires_grad_(False)
-        opts[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    for i in range(2 + args.bench):  # alternate the two, so a busy machine slows both alike; 2 warm-up steps
-        for name in times:
-            t0 = time.perf_counter()
-            steps[name]().backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            times[name] += (time.perf_counter() - t0) / args.bench if i >= 2 else 0.0
-    print(f"stage-2 step, batch {len(b['ids'])} x {hf_ids.shape[1]} tokens, {torch.get_num_threads()} threads: nanollava {1e3 * times['nanollava']:.1f} ms, "
-          f"transformers {1e3 * times['transformers']:.1f} ms, nanollava is {times['transformers'] / times['nanollava']:.2f}x faster")
-
-
 if __name__ == "__main__":
     args = parser.parse_args()
-    bench(args) if args.bench else main(args)
+    main(args)

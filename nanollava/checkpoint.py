@@ -205,3 +205,19 @@ def save_weights(tensors, out_dir, max_shard_bytes=5 * 2**30):
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")
+
+
+def tensor_names(files):
+    """The tensor names of weight files, without reading the tensors: safetensors headers, mmap'd pickles."""
+    names = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                try:
+                    header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+                except (ValueError, MemoryError, OverflowError):
+                    raise CheckpointError(f"{f} is not a safetensors file (corrupt or truncated header)") from None
+            names |= set(header) - {"__metadata__"}
+        else:
+            names |= {key for _, key, _ in iter_tensors([f])}
+    return names

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollava.checkpoint import CheckpointError, load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.checkpoint import (CheckpointError, load_weights, read_json, save_weights, tensor_names, unrename,
+                                  weight_files, write_json)
 from nanollava.llama import PRESETS as LLAMA_PRESETS, KVCache, Llama, LlamaConfig, llama_unused
 from nanollava.vit import PRESETS as VIT_PRESETS, ViT, ViTConfig, clip_unused
 
@@ -51,6 +52,31 @@ OFFICIAL_KEYS = [  # liuhaotian/llava-v1.5-*: Vicuna's names plus the projector 
     ("model.", "language_model."),
 ]
 TOWER_KEYS = [(old, "vision_tower." + new) for old, new in ViT.KEYS]  # a CLIP directory beside an official checkpoint
+OFFICIAL_SUPPORTED = [  # (config key, the official code's default when absent, the values LLaVA-1.5 has)
+    ("mm_projector_type", "linear", ("mlp2x_gelu",)),  # LLaVA-1.0 has a single linear layer
+    ("mm_vision_select_feature", "patch", ("patch",)),
+    ("mm_use_im_start_end", False, (False,)),  # LLaVA-1.0 wraps the image in <im_start> ... <im_end> tokens
+    ("image_aspect_ratio", "square", ("pad", "square")),  # LLaVA-1.6 says anyres: image tiles
+    ("mm_patch_merge_type", "flat", ("flat",)),  # LLaVA-1.6: spatial_unpad, with an image_newline tensor
+]
+
+
+def layout_of(path, cfg):
+    """'official' (liuhaotian) or 'llava-hf', from what config.json and the weight names hold. Never from model_type
+    alone: the released liuhaotian configs say "llava" as llava-hf's do, with the Llama keys at the top level."""
+    if "mm_vision_tower" in cfg:
+        return "official"
+    if "text_config" in cfg and "vision_config" in cfg and not str(cfg.get("model_type", "")).startswith("clip"):
+        return "llava-hf"
+    names = tensor_names(weight_files(path))  # neither key: the weight names tell
+    if any(n.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for n in names):
+        return "llava-hf"
+    if any(n.startswith("model.mm_projector.") for n in names):
+        raise CheckpointError(f"{path}/config.json names no mm_vision_tower, which an official LLaVA checkpoint needs")
+    clip = str(cfg.get("model_type", "")).startswith("clip") or any(n.startswith("vision_model.") for n in names)
+    what = "CLIP model" if clip else "Vicuna / Llama language model" if "model.norm.weight" in names else "model"
+    raise CheckpointError(f"{path} is a plain {what}, not a LLaVA: config.json has neither mm_vision_tower (official "
+                          f"LLaVA-1.5) nor text_config (llava-hf) and no weight is a projector")
 
 
 @dataclass
@@ -178,7 +204,7 @@ class LLaVA(nn.Module):
         a llava-hf directory in either layout, or nanollava's own output."""
         path = Path(path)
         cj = read_json(path / "config.json")
-        if cj.get("model_type") == "llava":
+        if layout_of(path, cj) == "llava-hf":
             if cj.get("vision_feature_select_strategy", "default") != "default" or cj.get("projector_hidden_act", "gelu") != "gelu":
                 raise CheckpointError(f"{path}/config.json: only LLaVA-1.5's patch features and GELU projector are supported")
             text = LlamaConfig.from_json(cj.get("text_config", {}))
@@ -186,9 +212,11 @@ class LLaVA(nn.Module):
             image_id = cj.get("image_token_index", cj.get("image_token_id", 32000))
             pad_id = cj.get("pad_token_id", cj.get("text_config", {}).get("pad_token_id", 0)) or 0
             sources = [(weight_files(path), HF_KEYS, llama_unused)]
-        elif "mm_vision_tower" in cj:
-            if cj.get("mm_projector_type", "linear") != "mlp2x_gelu" or cj.get("mm_vision_select_feature", "patch") != "patch":
-                raise CheckpointError(f"{path}/config.json: only LLaVA-1.5's mlp2x_gelu projector on patch features is supported")
+        else:
+            for key, default, ok in OFFICIAL_SUPPORTED:
+                if cj.get(key, default) not in ok:
+                    raise CheckpointError(f"{path}/config.json: {key} is {cj.get(key, default)!r}, and only LLaVA-1.5's "
+                                          f"{' or '.join(map(repr, ok))} is supported")
             tower = Path(vision_tower or cj["mm_vision_tower"])
             if not tower.is_dir():
                 raise CheckpointError(f"{path} is an official LLaVA-1.5 checkpoint whose vision tower {cj['mm_vision_tower']!r} "
@@ -199,8 +227,6 @@ class LLaVA(nn.Module):
             # the tower is frozen in LLaVA-1.5, so a copy inside the checkpoint equals CLIP's: dropped, CLIP's is loaded
             drop = lambda k: llama_unused(k) or k.startswith("model.vision_tower.")
             sources = [(weight_files(path), OFFICIAL_KEYS, drop), (weight_files(tower), TOWER_KEYS, clip_unused)]
-        else:
-            raise CheckpointError(f"{path}/config.json is neither llava-hf's (model_type llava) nor official LLaVA-1.5's (mm_vision_tower)")
         with torch.device("meta"):
             model = cls(LLaVAConfig(vision, text, image_id, pad_id))
         return load_weights(model, sources, dtype).eval()
