@@ -6,7 +6,8 @@ Stage 2 (visual instruction tuning): the projector and the language model learn 
 
   python train.py                                            # both stages on prepare.py's world, one CPU process
   torchrun --standalone --nproc_per_node=2 train.py          # the same on two processes (gloo on CPU, nccl on GPU)
-  torchrun --standalone --nproc_per_node=8 train.py --recipe llava-1.5-7b      # the official recipe, one 8-GPU node
+  torchrun --standalone --nproc_per_node=8 --shutdown-timeout 900 train.py --recipe llava-1.5-7b   # one 8-GPU node;
+                                                             # SIGTERM's save gets 900 s before torchrun's SIGKILL
   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       train.py --recipe llava-1.5-13b                        # two nodes (node_rank=1 on the other)
 
