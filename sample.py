@@ -243,6 +243,8 @@ def run(args):
     if args.kernels == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         raise DataError("--kernels triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
     kernels.use(args.kernels)
+    if device.startswith("cuda"):  # Triton launches on the current device, not on the tensors' (--device cuda:1)
+        torch.cuda.set_device(torch.device(device))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

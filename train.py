@@ -6,7 +6,8 @@ Stage 2 (visual instruction tuning): the projector and the language model learn 
 
   python train.py                                            # both stages on prepare.py's world, one CPU process
   torchrun --standalone --nproc_per_node=2 train.py          # the same on two processes (gloo on CPU, nccl on GPU)
-  torchrun --standalone --nproc_per_node=8 train.py --recipe llava-1.5-7b      # the official recipe, one 8-GPU node
+  torchrun --standalone --nproc_per_node=8 --shutdown-timeout 900 train.py --recipe llava-1.5-7b   # one 8-GPU node;
+                                                             # SIGTERM's save gets 900 s before torchrun's SIGKILL
   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       train.py --recipe llava-1.5-13b                        # two nodes (node_rank=1 on the other)
 
@@ -42,8 +43,10 @@ from nanollava import LLaVA
 from nanollava.checkpoint import CheckpointError, read_safetensors, write_safetensors
 from nanollava.cli import Parser, UserError, checked, lock_dir, one_sentence
 from nanollava.data import DataError, LLaVADataset, batch_indices, collate
-from nanollava.fsdp import all_sum, clip_grad_norm, load_checkpoint, save_checkpoint, shard, trim_log
-from nanollava.recipes import RECIPES, Recipe, read_manifest
+from nanollava.flops import peak_flops, step_flops
+from nanollava.fsdp import (all_sum, check_shared_out, clip_grad_norm, ignore_sigterm, init_group, load_checkpoint, reduce_sum,
+                            save_checkpoint, shard, trim_log)
+from nanollava.recipes import RECIPES, Recipe, fit_micro_batch, read_manifest
 from nanollava.schedule import cosine_lr
 from nanollava.tokenizer import TokenizerError, load_tokenizer
 
@@ -69,12 +72,15 @@ parser.add_argument("--grad-clip", type=checked(float, lambda x: x > 0, "more th
 parser.add_argument("--stage", default="both", choices=["1", "2", "both"], help="which stage(s) to run; stage 2 starts from stage 1's projector")
 parser.add_argument("--out", default="out", help="output directory: OUT/stage1, OUT/stage2/model, OUT/log.jsonl")
 parser.add_argument("--max-steps", type=checked(int, lambda n: n == -1 or n > 0, "-1 or 1 or more"), default=-1, help="stop each stage after this many optimizer steps (-1: the recipe's epochs)")
-parser.add_argument("--save-every", type=POSITIVE, default=50, help="write a resumable checkpoint every N optimizer steps")
+parser.add_argument("--save-every", type=POSITIVE, help="write a resumable checkpoint every N optimizer steps (default: the recipe's, per stage)")
 parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="resume from the latest checkpoint in --out if there is one")
 parser.add_argument("--seed", type=int, default=1337, help="seeds the projector's init and the data order")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="attention and RMSNorm: Triton kernels, PyTorch, or Triton on GPU only")
 parser.add_argument("--compile", action="store_true", help="torch.compile each language-model block")
 parser.add_argument("--workers", type=checked(int, lambda n: n >= 0, "0 or more"), help="data-loading processes per rank (default: 4 on GPU, 0 on CPU)")
+parser.add_argument("--accumulate-unsharded", action="store_true", help="reduce-scatter gradients once per step, not per "
+                    "micro-batch: less traffic, but a full fp32 gradient per GPU between micro-batches (27 GB for 7B)")
+parser.add_argument("--timeout-min", type=checked(float, lambda m: m > 0, "above 0"), default=60, help="collective timeout in minutes (covers rank 0's export)")
 parser.add_argument("--strict", action="store_true", help="stop at the first bad dataset row instead of skipping it")
 
 
@@ -105,13 +111,14 @@ class Run:
     tok: object          # Vicuna's tokenizer with <image> and <pad> added
     seed: int
     max_steps: int       # per stage; -1: the recipe's epochs
-    save_every: int
+    save_every: int      # None: the recipe's per stage
     resume: bool
     compile: bool
     workers: int         # data-loading processes per rank
     strict: bool         # a bad dataset row stops the run instead of being skipped
     sigterm: bool = False  # set by the SIGTERM handler; the ranks agree on it once per step
     lock: object = None    # rank 0: the open OUT/.lock, held while the run lives
+    accumulate_unsharded: bool = False  # one reduce-scatter per step: full unsharded gradients between micro-batches
 
     def path(self, name):
         return self.data_dir / name
@@ -119,15 +126,18 @@ class Run:
 
 def main(args):
     recipe = recipe_from_args(args)
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    else:  # one process: a group of one, so the code path is the same
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    fitted = {k: fit_micro_batch(k, hp, world_size) for k, hp in ((1, recipe.stage1), (2, recipe.stage2))}  # before loading anything
+    if bad := [v for v in fitted.values() if isinstance(v, str)]:
+        parser.error(bad[0])
+    recipe = replace(recipe, stage1=fitted[1], stage2=fitted[2])
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 projector's matmuls (the LM computes in bf16)
     else:
         device = torch.device("cpu")
+    init_group(device, args.timeout_min)  # one process: a group of one, so the code path is the same
     kernels.use(args.kernels)
     manifest_path = Path(recipe.data)
     manifest = read_manifest(manifest_path)
@@ -136,9 +146,11 @@ def main(args):
     out = Path(args.out)
     run = Run(recipe, dist.get_rank(), dist.get_world_size(), device, manifest, manifest_path.parent, out, out / "log.jsonl", tok,
               args.seed, args.max_steps, args.save_every, args.resume, args.compile,
-              workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 0), strict=args.strict)
+              workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 0), strict=args.strict,
+              accumulate_unsharded=args.accumulate_unsharded)
     if run.rank == 0:
         print(f"nanollava train: {json.dumps({**vars(args), 'resolved': asdict(recipe), 'world_size': run.world_size, 'device': str(device)})}", flush=True)
+    run.out.mkdir(parents=True, exist_ok=True)
     # one run per --out: rank 0 holds OUT/.lock until it exits; every rank learns whether it got it
     failure = None
     if run.rank == 0:
@@ -148,6 +160,7 @@ def main(args):
             failure = e
     if all_sum(float(failure is not None))[0]:
         raise failure or UserError("rank 0 could not lock --out")  # rank 0 prints it
+    check_shared_out(run.out, run.rank)
 
     def on_sigterm(*_):
         run.sigterm = True
@@ -178,9 +191,8 @@ def build(run, stage):
 
 
 def count_steps(run, hp, ds):
-    """(micro-batches per rank per step, steps per epoch, steps in the stage) for the global batch hp.batch."""
-    if hp.batch % (hp.micro_batch * run.world_size):
-        raise UserError(f"global batch {hp.batch} is not a multiple of micro-batch {hp.micro_batch} x {run.world_size} processes")
+    """(micro-batches per rank per step, steps per epoch, steps in the stage) for the global batch hp.batch
+    (main made hp.micro_batch x world size divide it)."""
     accum, per_epoch = hp.batch // (hp.micro_batch * run.world_size), len(ds) // hp.batch
     if per_epoch == 0:
         raise UserError(f"{ds.path} has {len(ds)} usable rows, fewer than one global batch of {hp.batch}")
@@ -194,7 +206,8 @@ def optimizer(model, recipe, hp):
     projector = list(model.multi_modal_projector.parameters())
     lm = [p for p in model.language_model.parameters() if p.requires_grad]
     groups = [{"params": g} for g in (projector, lm) if g]
-    return torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999), weight_decay=recipe.weight_decay)
+    fused = model.multi_modal_projector.linear_1.weight.is_cuda or None  # one kernel for all tensors on GPU
+    return torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999), weight_decay=recipe.weight_decay, fused=fused)
 
 
 def lr_at(step, total, peak, warmup_ratio):
@@ -233,8 +246,8 @@ def train_stage(run, stage, hp):
         epoch = step // per_epoch  # each epoch shuffles anew; a resumed one skips the samples already seen
         batches = batch_indices(len(ds), run.world_size, run.rank, run.seed, epoch, hp.micro_batch, accum,
                                 run.recipe.group_by_length and stage == 2, ds.lengths, ds.has_image, start=(step % per_epoch) * hp.batch)
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=run.workers,
-                                                  collate_fn=partial(collate, pad_id=run.tok.pad_id)))
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=run.workers, worker_init_fn=ignore_sigterm,
+                                                  collate_fn=partial(collate, pad_id=run.tok.pad_id), pin_memory=run.device.type == "cuda"))
         while step < min(total, (epoch + 1) * per_epoch):
             t0 = time.time()
             micro = [next(loader) for _ in range(accum)]
@@ -249,7 +262,7 @@ def train_stage(run, stage, hp):
             if run.rank == 0:
                 report(run, model, stage, step, total, stats, step_s, eta_s=(time.time() - t_start) / steps_timed * (total - step))
             sigterm = all_sum(float(run.sigterm))[0] > 0  # every rank stops at the same step
-            if step % run.save_every == 0 or sigterm or step == total:
+            if step % (run.save_every or hp.save_every) == 0 or sigterm or step == total:
                 save_checkpoint(model, opt, ckpt_dir, step, run.rank)
             if sigterm:
                 if run.rank == 0:
@@ -267,50 +280,57 @@ class StepStats:
     loss: float       # mean over the global batch's supervised tokens
     lr: float
     grad_norm: float  # before clipping (nan when the loss was not finite and no step was taken)
-    tokens: float     # positions in the batch, each image's features included
+    tokens: float     # real positions in the batch, each image's features included
     samples: float
+    sq_tokens: float = 0.0   # sum over rows of (row length)^2: attention's FLOPs
+    supervised: float = 0.0  # positions with a label
+    images: float = 0.0
 
 
 def train_step(run, model, opt, micro, lr):
     """One optimizer step on one global batch; micro holds this rank's micro-batches of it (None: every sample bad).
-    Forward and backward per micro-batch, gradients reduced on the last only; the projector's all-reduced; the loss
-    checked; the global norm clipped; AdamW. A non-finite loss returns before the weights change."""
-    micro = [b if b is not None else empty_batch(run.tok) for b in micro]  # still run, so the ranks stay in step; no loss
-    P = model.config.vision.num_patches
-    images = lambda b: len(b["pixel_values"]) if b["pixel_values"] is not None else 0
-    n_sup, n_tok, n_samples = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                                      sum(int(b["attention_mask"].sum()) + (P - 1) * images(b) for b in micro),  # <image>: P features
-                                      sum(len(b["ids"]) for b in micro))
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    Forward and backward per micro-batch, gradients reduce-scattered after each (or on the last only with
+    --accumulate-unsharded); the projector's all-reduced; the loss checked; the global norm clipped; AdamW. A
+    non-finite loss returns before the weights change. The counts come from the host-side batch and the loss stays
+    on the device until one read per step, so the GPU never waits for the host mid-step."""
+    P, img = model.config.vision.num_patches, model.image_token_id
+    real = [b for b in micro if b is not None]
+    lengths = [b["attention_mask"].sum(1) + (P - 1) * (b["input_ids"] == img).sum(1) for b in real]  # <image>: P features
+    n_sup, n_tok, n_sq, n_samples, n_img = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in real),
+                                                   sum(int(n.sum()) for n in lengths), sum(int((n ** 2).sum()) for n in lengths),
+                                                   sum(len(b["ids"]) for b in real), sum(int((b["input_ids"] == img).sum()) for b in real))
+    # an all-bad micro-batch still runs forward and backward, so that this rank joins the others' collectives (FSDP
+    # all-gathers each block again in backward); stage 1 gives it a blank image, as with the LM frozen only the
+    # projector's path has a gradient (a text-only loss would have no grad_fn, and backward() would raise)
+    stage1 = not model.language_model.embed_tokens.weight.requires_grad
+    micro = [b if b is not None else empty_batch(run.tok, model.config.vision.image_size if stage1 else None) for b in micro]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    to = lambda t: t.to(run.device, non_blocking=True) if t is not None else None  # pinned by the DataLoader on GPU
     for j, b in enumerate(micro):
-        model.set_requires_gradient_sync(j == len(micro) - 1)
-        px = b["pixel_values"].to(run.device) if b["pixel_values"] is not None else None
-        loss = model(b["input_ids"].to(run.device), px, b["attention_mask"].to(run.device), b["labels"].to(run.device), reduction="sum")
+        model.set_requires_gradient_sync(j == len(micro) - 1 or not run.accumulate_unsharded)
+        loss = model(to(b["input_ids"]), to(b["pixel_values"]), to(b["attention_mask"]), to(b["labels"]), reduction="sum")
         (loss * run.world_size / max(n_sup, 1)).backward()  # FSDP averages gradients over ranks: * world_size makes it a sum
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
     for p in model.multi_modal_projector.parameters():  # replicated: average its gradient once per step, zeros where unused
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= run.world_size
-    loss = all_sum(float(loss_sum))[0] / max(n_sup, 1)
+        reduce_sum(p.grad).div_(run.world_size)
+    loss = float(reduce_sum(loss_sum)) / max(n_sup, 1)  # the one read of the device per step
     if not math.isfinite(loss):
-        return StepStats(loss, lr, math.nan, n_tok, n_samples)
+        return StepStats(loss, lr, math.nan, n_tok, n_samples, n_sq, n_sup, n_img)
     norm = clip_grad_norm([g["params"] for g in opt.param_groups], run.recipe.grad_clip)
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepStats(loss, lr, norm, n_tok, n_samples)
+    return StepStats(loss, lr, float(norm), n_tok, n_samples, n_sq, n_sup, n_img)
 
 
-def empty_batch(tok):
-    ids = torch.tensor([[tok.bos_id]])
-    return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
-            "pixel_values": None, "ids": []}
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+def empty_batch(tok, image_size=None):
+    """A stand-in for a micro-batch whose samples were all bad: no label, so no loss; with a blank image if image_size."""
+    ids = torch.tensor([[tok.bos_id] + ([tok.image_id] if image_size else [])])
+    px = torch.zeros(1, 3, image_size, image_size) if image_size else None
+    return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids), "pixel_values": px, "ids": []}
 
 
 def report(run, model, stage, step, total, stats, step_s, eta_s):
@@ -321,12 +341,9 @@ def report(run, model, stage, step, total, stats, step_s, eta_s):
     rec = {"stage": stage, "step": step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": tok_s,
            "samples_per_s": samples_s, "step_s": step_s}
     if run.device.type == "cuda":
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(run.device)), None)
-        if peak:
-            # model FLOPs: LM forward 2N + backward 4N per token in stage 2 (2N in stage 1: input gradients only), tower forward 2N
-            n_lm = sum(p.numel() for p in model.language_model.parameters())
-            n_vit = sum(p.numel() for layer in model.vision_tower.layers[:model.vision_tower.n_run] for p in layer.parameters())
-            flops = stats.tokens * n_lm * (6 if stage == 2 else 4) + stats.samples * (model.config.vision.num_patches + 1) * 2 * n_vit
+        peak = peak_flops(torch.cuda.get_device_name(run.device))
+        if peak:  # model FLOPs (nanollava/flops.py) over the node's dense bf16 peak
+            flops = step_flops(model.config, stage, stats.tokens, stats.sq_tokens, stats.supervised, stats.images)
             rec["mfu"] = flops / step_s / (peak * run.world_size)
             line += f" | mfu {100 * rec['mfu']:.1f}%"
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
@@ -340,8 +357,12 @@ def report(run, model, stage, step, total, stats, step_s, eta_s):
 
 
 def export(stage, model, tok, final, rank):
-    """Stage 1: the projector's weights. Stage 2: the whole model in llava-hf's layout with the tokenizer."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Stage 1: the projector's weights (replicated: read on rank 0, nothing gathered). Stage 2: the whole model in
+    llava-hf's layout with the tokenizer."""
+    if stage == 1:
+        full = {"multi_modal_projector." + k: v.cpu() for k, v in model.multi_modal_projector.state_dict().items()}
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tmp = final.with_name(final.name + ".tmp")
         try:

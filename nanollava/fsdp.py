@@ -5,8 +5,13 @@ so that the loop reads as a story and the sharding can be studied (and changed) 
 
 - `shard`: `fully_shard` on every language-model block, the embedding and the roots; the frozen tower and the
   small projector stay replicated (no collectives for the tower; the projector's gradients are all-reduced).
-- `all_sum`: sums a few Python numbers over the ranks.
-- `clip_grad_norm`: one global norm over plain tensors (the projector) and DTensors (the sharded LM).
+- `init_group`: the process group: gloo on CPU; on GPUs NCCL for device tensors with gloo beside it for the few
+  host tensors, a timeout long enough for an export, and the rank's device bound.
+- `check_shared_out`: every rank sees the files rank 0 writes in --out (multi-node needs a shared filesystem).
+- `all_sum` / `reduce_sum`: sums a few Python numbers (on the host) or a tensor (on its device) over the ranks;
+  nothing at world size 1.
+- `clip_grad_norm`: one global norm over plain tensors (the projector) and DTensors (the sharded LM), on the device.
+- `ignore_sigterm`: DataLoader workers outlive torchrun's SIGTERM, so the rank can finish its step and save.
 - `save_checkpoint` / `load_checkpoint` / `trim_log`: a checkpoint is written under a temporary name and renamed
   when complete, then `latest` is replaced atomically; resume restores weights, optimizer and RNG states and
   forgets log lines written after the checkpoint.
@@ -15,6 +20,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import uuid
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,21 +51,77 @@ def shard(model, device, compile):
     fully_shard(model, mp_policy=precision, ignored_params=set(model.vision_tower.parameters()) | set(model.multi_modal_projector.parameters()))
 
 
+def group_backend(device, accelerator="nccl"):
+    """gloo on the CPU. On a GPU the accelerator's backend for device tensors and gloo beside it: since torch 2.13 an
+    NCCL group has no backend for CPU tensors ("No backend type associated with device type cpu"), and the loop
+    still sums a few host numbers (all_sum) and DCP gathers its metadata as objects."""
+    return "gloo" if device.type == "cpu" else f"cpu:gloo,{device.type}:{accelerator}"
+
+
+def init_group(device, timeout_min=60, accelerator="nccl"):
+    """The default process group, from torchrun's environment or, in one process, a group of one (the code path is
+    the same). The timeout covers the longest thing one rank does while the others wait (rank 0's export, a
+    checkpoint's cleanup on a slow filesystem): NCCL's default of 10 minutes kills a 13B run at its end.
+    device_id binds the group to the rank's GPU (NCCL creates its communicator there, not on cuda:0)."""
+    kw = {"backend": group_backend(device, accelerator), "timeout": timedelta(minutes=timeout_min)}
+    if device.type == "cuda" and torch.cuda.is_available():
+        kw["device_id"] = device
+    if "RANK" in os.environ:  # torchrun
+        dist.init_process_group(**kw)
+    else:
+        dist.init_process_group(**kw, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def check_shared_out(out, rank):
+    """Only rank 0 writes `latest`, the checkpoint metadata and stage 1's projector; every rank reads them. On several
+    nodes --out must therefore be one shared filesystem: rank 0 writes a token there and every rank reads it back."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    probe = out / ".shared-check"
+    if rank == 0:
+        probe.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    seen = probe.read_text() if probe.is_file() else None
+    ok = all_sum(float(seen == token[0]))[0] == dist.get_world_size()
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    if not ok:
+        raise SystemExit(f"error: --out {out} is not the same directory on every node (rank {rank} "
+                         f"{'sees it' if seen == token[0] else 'does not see the file rank 0 wrote there'}): "
+                         "with several nodes --out must be on a filesystem all nodes share")
+
+
 def all_sum(*xs):
+    """Python numbers summed over the ranks, as floats (float64 on the host: gloo; exact for counts below 2**53)."""
+    if dist.get_world_size() == 1:
+        return [float(x) for x in xs]
     t = torch.tensor(xs, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
 
 
+def reduce_sum(t):
+    """A tensor summed over the ranks in place, on its own device (NCCL on GPUs); nothing at world size 1."""
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def clip_grad_norm(groups, max_norm):
-    """Global gradient norm over the projector (plain tensors) and the sharded LM (DTensors), then clip both."""
+    """Global gradient norm over the projector (plain tensors) and the sharded LM (DTensors), then clip both with one
+    foreach multiply per group. Everything stays on the device (no host sync); returns the norm as a 0-dim tensor."""
     norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) for g in groups]
-    total = torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).float().cpu() for n in norms]).norm()
-    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    total = torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).float() for n in norms]).norm()
     for g in groups:
-        for p in g:
-            p.grad.mul_(coef)
-    return float(total)
+        torch.nn.utils.clip_grads_with_norm_(g, max_norm, total.to(g[0].device))
+    return total
+
+
+def ignore_sigterm(worker_id):
+    """DataLoader worker_init_fn. torchrun sends SIGTERM to the whole process group: a worker that dies of it makes
+    the rank's DataLoader raise mid-step (its SIGCHLD handler), before the rank's own handler can save. Ignored
+    here, the workers run on until the rank shuts the loader down after its save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _latest(ckdir):
