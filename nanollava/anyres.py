@@ -85,10 +85,11 @@ def resize_and_pad(img, canvas):
     """Official resize_and_pad_image: the limiting side gets the canvas size, the other ceil(side * scale)
     (at most the canvas), PIL's default filter (bicubic for RGB); pasted at floor(slack / 2) on black."""
     (w, h), (W, H) = img.size, canvas
-    if W / w < H / h:
-        nw, nh = W, min(math.ceil(h * W / w), H)
+    scale_w, scale_h = W / w, H / h  # the scale first, then the product, as the official code: 200 x 300 into
+    if scale_w < scale_h:            # 672 x 336 gives ceil(200 * 1.12) = ceil(224.00000000000003) = 225, not 224
+        nw, nh = W, min(math.ceil(h * scale_w), H)
     else:
-        nw, nh = min(math.ceil(w * H / h), W), H
+        nw, nh = min(math.ceil(w * scale_h), W), H
     out = Image.new("RGB", (W, H), (0, 0, 0))
     out.paste(img.resize((nw, nh)), ((W - nw) // 2, (H - nh) // 2))
     return out

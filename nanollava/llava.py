@@ -77,6 +77,11 @@ class LLaVAConfig:
 PRESETS = {  # the official checkpoints' shapes (vocabulary 32000, image placeholder -200), and the world's
     "llava-1.5-7b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-7b"]),
     "llava-1.5-13b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-13b"]),
+    # LLaVA-1.6 (LLaVA-NeXT) as liuhaotian/llava-v1.6-* ship them: AnyRes over the five released pinpoints
+    "llava-1.6-vicuna-7b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-7b"], anyres=AnyResConfig()),
+    "llava-1.6-vicuna-13b": LLaVAConfig(text=LLAMA_PRESETS["vicuna-13b"], anyres=AnyResConfig()),
+    "llava-1.6-mistral-7b": LLaVAConfig(text=LLAMA_PRESETS["mistral-7b-instruct-v0.2"], anyres=AnyResConfig()),
+    "llava-1.6-34b": LLaVAConfig(text=LLAMA_PRESETS["nous-hermes-2-yi-34b"], anyres=AnyResConfig()),
     # what from_base makes of prepare.py's stand-ins: the vocabulary gains <image> 1024 and <pad> 1025, padded to 1088
     "world": LLaVAConfig(VIT_PRESETS["world"], replace(LLAMA_PRESETS["world"], vocab_size=1088), image_token_id=1024,
                          pad_token_id=1025),
