@@ -222,7 +222,7 @@ def template_for(config):
 
 # ----------------------------------------------------------------------------- images
 
-def _open_image(path, max_pixels):
+def open_image(path, max_pixels=MAX_PIXELS):
     """Decode a file fully, or raise one DataError that names it (never a PIL traceback)."""
     try:
         with warnings.catch_warnings():
@@ -258,7 +258,7 @@ def expand2square(img, fill):
 
 def load_image(image, size=336, pad=True, mean=CLIP_MEAN, std=CLIP_STD, max_pixels=MAX_PIXELS):
     """A path or PIL image -> (3, size, size) float tensor, as LLaVA: RGB, [pad], CLIPImageProcessor."""
-    img = image if isinstance(image, Image.Image) else _open_image(image, max_pixels)
+    img = image if isinstance(image, Image.Image) else open_image(image, max_pixels)
     img = img.convert("RGB")  # grayscale, RGBA (alpha dropped, as the official .convert('RGB')), palette
     if pad:
         img = expand2square(img, tuple(int(x * 255) for x in mean))  # (122, 116, 104)
