@@ -42,6 +42,7 @@ from nanollava.checkpoint import read_json
 from typing import NamedTuple
 
 from nanollava import anyres
+from nanollava.anyres import AnyResConfig
 from nanollava.data import (CLIP_MEAN, CLIP_STD, IMAGE, TEMPLATES, DataError, open_image, continuation_ids, load_image,
                             prompt_ids, stop_id, template_for)
 from nanollava.llava import LLaVA, expand_image_tokens
@@ -73,6 +74,7 @@ parser.add_argument("--answers", default=None, help="--eval: the answers file to
 parser.add_argument("--batch-size", type=int, default=16, help="--eval: questions per left-padded batch")
 parser.add_argument("--score", default=None, metavar="ANSWERS", help="score an answers file that holds the reference answers (as --eval writes it); needs no model")
 parser.add_argument("--bench", action="store_true", help="tokens/s and time to first token of nanollava and transformers on one checkpoint (a tiny random world-sized one unless --model)")
+parser.add_argument("--bench-anyres", action="store_true", help="--bench without --model: a tiny LLaVA-1.6 (llava_next, AnyRes) checkpoint and a 2 x 2 tile image")
 parser.add_argument("--bench-tokens", type=int, default=64, help="--bench: new tokens per generation (eos ignored by both)")
 parser.add_argument("--bench-repeats", type=int, default=5, help="--bench: timed repeats after a warm-up; medians are reported")
 
@@ -411,10 +413,11 @@ def evaluate(model, tok, pre, questions, image_root, answers_path, model_id, bat
 
 # ----------------------------------------------------------------------------- benchmark
 
-def tiny_checkpoint(out_dir, width=128, layers=2):
+def tiny_checkpoint(out_dir, width=128, layers=2, llava_next=False):
     """A random checkpoint (llava-hf layout) of the default world's model size, as prepare.py and train.py build it:
     LLM hidden 128 (heads of 32, MLP 8/3 x), 2 layers, vocabulary 1024 + <image> + <pad> padded to 1088; tower
-    hidden 128, 3 layers, 72 px images in 24 px patches (9 image tokens)."""
+    hidden 128, 3 layers, 72 px images in 24 px patches (9 image tokens). llava_next=True: a LLaVA-1.6 (AnyRes) one,
+    the released pinpoints scaled to 72 px tiles."""
     from nanollava.llama import LlamaConfig
     from nanollava.llava import LLaVAConfig
     from nanollava.vit import ViTConfig
@@ -422,7 +425,8 @@ def tiny_checkpoint(out_dir, width=128, layers=2):
     vision = ViTConfig(image_size=72, patch_size=24, hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
     text = LlamaConfig(vocab_size=1088, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
                        num_hidden_layers=layers, num_attention_heads=width // 32, max_position_embeddings=2048)
-    LLaVA(LLaVAConfig(vision, text, image_token_id=1024, pad_token_id=1025)).save_pretrained(out_dir)
+    tiles = AnyResConfig(tuple((a * 72 // 336, b * 72 // 336) for a, b in anyres.PINPOINTS)) if llava_next else None
+    LLaVA(LLaVAConfig(vision, text, image_token_id=1024, pad_token_id=1025, anyres=tiles)).save_pretrained(out_dir)
     return out_dir
 
 
@@ -431,13 +435,15 @@ def bench(model_dir, device, dtype, n_new, repeats):
     and greedy settings, exactly n_new tokens each (eos ignored): time to first token (image, prefill and one token,
     timed as a 1-token generation) and decode tokens/s ((n_new - 1) / (time(n_new) - time(1))), medians of repeats."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import LlavaForConditionalGeneration  # a test-only dependency: imported here only
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration  # test-only: imported here only
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()
-    if read_json(Path(model_dir) / "config.json").get("model_type") != "llava":
+    kind = read_json(Path(model_dir) / "config.json").get("model_type")
+    if kind not in ("llava", "llava_next"):
         raise DataError(f"{model_dir}: --bench needs a llava-hf layout checkpoint (transformers cannot read the official one)")
-    ours = LLaVA.from_pretrained(model_dir, dtype=dtype).to(device)
-    theirs = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    ours = LLaVA.from_pretrained(model_dir, dtype=dtype, conventions="transformers").to(device)
+    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
+    theirs = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     cfg, img = ours.config, ours.image_token_id
     g = torch.Generator().manual_seed(0)
     if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
@@ -447,12 +453,19 @@ def bench(model_dir, device, dtype, n_new, repeats):
         ids = torch.cat([torch.tensor([1]), torch.randint(3, img, (35,), generator=g), torch.tensor([img]),
                          torch.randint(3, img, (12,), generator=g)])[None]
     S, P = cfg.vision.image_size, cfg.vision.num_patches
-    pixels = torch.randn(1, 3, S, S, generator=g).to(device)
+    pixels, ours_kw, hf_kw = torch.randn(1, 3, S, S, generator=g).to(device), {}, {}
+    if cfg.anyres is not None:  # an image 2 x 2 tiles large (at 336-px tiles, 640 x 480: 2340 image tokens)
+        size = (S * 40 // 21, S * 10 // 7)
+        P = anyres.num_tokens(size, cfg.anyres.pinpoints, S, S // cfg.vision.patch_size, hf=True)
+        n = anyres.num_tiles(size, cfg.anyres.pinpoints, S, hf=True)
+        pixels = torch.randn(n, 3, S, S, generator=g).to(device)
+        ours_kw, hf_kw = {"image_sizes": [size]}, {"image_sizes": torch.tensor([[size[1], size[0]]], device=device)}
     hf_ids = expand_image_tokens(ids, img, P).input_ids.to(device)  # llava-hf repeats <image> P times
+    hf_pixels = pixels[None] if cfg.anyres is not None else pixels  # transformers' LlavaNext: (N, tiles, 3, S, S)
     ids = ids.to(device)
-    runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1),
-            "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=torch.ones_like(hf_ids),
-                                                      max_new_tokens=n, min_new_tokens=n, do_sample=False)[:, hf_ids.shape[1]:]}
+    runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1, **ours_kw),
+            "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=hf_pixels, attention_mask=torch.ones_like(hf_ids),
+                                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, **hf_kw)[:, hf_ids.shape[1]:]}
 
     def timed(fn, n):
         if device.startswith("cuda"):
@@ -502,7 +515,7 @@ def run(args):
         if args.model:
             return bench(args.model, device, dtype, args.bench_tokens, args.bench_repeats)
         with tempfile.TemporaryDirectory() as tmp:
-            return bench(tiny_checkpoint(tmp), device, dtype, args.bench_tokens, args.bench_repeats)
+            return bench(tiny_checkpoint(tmp, llava_next=args.bench_anyres), device, dtype, args.bench_tokens, args.bench_repeats)
     model_dir = args.model or DEFAULT_MODEL
     if not Path(model_dir).is_dir():
         raise DataError(f"no model directory {model_dir}" + (": train one (train.py) or pass --model DIR" if args.model is None else ""))
