@@ -36,9 +36,10 @@ def read_json(path):
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
-def write_json(obj, path):
+def write_json(obj, path, indent=2):
+    """obj as JSON at path, whole or not at all: written to path.tmp, then renamed over path."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
 
 
@@ -204,3 +205,19 @@ def save_weights(tensors, out_dir, max_shard_bytes=5 * 2**30):
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")
+
+
+def tensor_names(files):
+    """The tensor names of weight files, without reading the tensors: safetensors headers, mmap'd pickles."""
+    names = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                try:
+                    header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+                except (ValueError, MemoryError, OverflowError):
+                    raise CheckpointError(f"{f} is not a safetensors file (corrupt or truncated header)") from None
+            names |= set(header) - {"__metadata__"}
+        else:
+            names |= {key for _, key, _ in iter_tensors([f])}
+    return names

@@ -277,26 +277,32 @@ def load_image(image, size=336, pad=True, mean=CLIP_MEAN, std=CLIP_STD, max_pixe
 
 # ----------------------------------------------------------------------------- dataset
 
-def _read_rows(path):
-    """A JSON list or JSONL -> list of rows; a JSONL line that is not JSON becomes None (a bad row)."""
+def read_rows(path, bad="raise"):
+    """A JSON list or JSONL file -> [(where, row)], where = "line N" (1-based, blank lines counted) or "item N"
+    of a JSON list, so that a message can name the row as an editor shows it. A JSONL line that is not JSON
+    raises one DataError naming the file and the line (bad="raise"), or becomes (where, None) (bad="keep": the
+    training set counts it as a malformed row)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read the dataset ({e})") from None
+        raise DataError(f"{path}: cannot read the file ({e})") from None
     if text.lstrip().startswith("["):
         try:
-            return json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-    rows = []
-    for line in text.splitlines():
+            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        return [(f"item {n}", row) for n, row in enumerate(rows)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                rows.append(None)
-    return rows
+                out.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                if bad == "raise":
+                    raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                out.append((f"line {n}", None))
+    return out
 
 
 class LLaVADataset(torch.utils.data.Dataset):
@@ -317,9 +323,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.path, self.image_root, self.tok, self.template = str(path), str(image_root), tok, template
         self.image_token_id, self.image_size, self.pad, self.max_len = image_token_id, image_size, pad, max_len
         self.strict, self.mean, self.std, self.image_seq_len = strict, mean, std, image_seq_len
-        rows = _read_rows(path)
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of rows or JSONL")
+        rows = [row for _, row in read_rows(path, bad="keep")]
         self.n_rows = len(rows)
         self._load_skips = {}  # reason -> ids of rows left out at load
         blobs, row_numbers, lengths, has_image = [], [], [], []

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from nanollava import anyres
 from nanollava.anyres import AnyResConfig
-from nanollava.checkpoint import CheckpointError, load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.checkpoint import (CheckpointError, load_weights, read_json, save_weights, tensor_names, unrename,
+                                  weight_files, write_json)
 from nanollava.llama import PRESETS as LLAMA_PRESETS, KVCache, Llama, LlamaConfig, llama_unused
 from nanollava.vit import PRESETS as VIT_PRESETS, ViT, ViTConfig, clip_unused
 
@@ -63,6 +64,34 @@ OFFICIAL_KEYS = [  # liuhaotian/llava-v1.5-*: Vicuna's names plus the projector 
     ("model.", "language_model."),
 ]
 TOWER_KEYS = [(old, "vision_tower." + new) for old, new in ViT.KEYS]  # a CLIP directory beside an official checkpoint
+OFFICIAL_SUPPORTED = [  # (config key, the official code's default when absent, the values LLaVA-1.5 has)
+    ("mm_projector_type", "linear", ("mlp2x_gelu",)),  # LLaVA-1.0 has a single linear layer
+    ("mm_vision_select_feature", "patch", ("patch",)),
+    ("mm_use_im_start_end", False, (False,)),  # LLaVA-1.0 wraps the image in <im_start> ... <im_end> tokens
+    ("image_aspect_ratio", "square", ("pad", "square")),  # LLaVA-1.6 says anyres: image tiles
+    ("mm_patch_merge_type", "flat", ("flat",)),  # LLaVA-1.6: spatial_unpad, with an image_newline tensor
+]
+OFFICIAL_SUPPORTED_NEXT = OFFICIAL_SUPPORTED[:3] + [  # LLaVA-1.6 (image_aspect_ratio anyres): AnyRes tiles
+    ("mm_patch_merge_type", "flat", ("spatial_unpad",)),
+]
+
+
+def layout_of(path, cfg):
+    """'official' (liuhaotian) or 'llava-hf', from what config.json and the weight names hold. Never from model_type
+    alone: the released liuhaotian configs say "llava" as llava-hf's do, with the Llama keys at the top level."""
+    if "mm_vision_tower" in cfg:
+        return "official"
+    if "text_config" in cfg and "vision_config" in cfg and not str(cfg.get("model_type", "")).startswith("clip"):
+        return "llava-hf"
+    names = tensor_names(weight_files(path))  # neither key: the weight names tell
+    if any(n.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for n in names):
+        return "llava-hf"
+    if any(n.startswith("model.mm_projector.") for n in names):
+        raise CheckpointError(f"{path}/config.json names no mm_vision_tower, which an official LLaVA checkpoint needs")
+    clip = str(cfg.get("model_type", "")).startswith("clip") or any(n.startswith("vision_model.") for n in names)
+    what = "CLIP model" if clip else "Vicuna / Llama language model" if "model.norm.weight" in names else "model"
+    raise CheckpointError(f"{path} is a plain {what}, not a LLaVA: config.json has neither mm_vision_tower (official "
+                          f"LLaVA-1.5) nor text_config (llava-hf) and no weight is a projector")
 
 
 @dataclass
@@ -237,7 +266,7 @@ class LLaVA(nn.Module):
         cj = read_json(path / "config.json")
         kind, where, hf = cj.get("model_type"), f"{path}/config.json", conventions == "transformers"
         anyres_cfg = None
-        if kind in ("llava", "llava_next"):
+        if layout_of(path, cj) == "llava-hf":
             if cj.get("vision_feature_select_strategy", "default") != "default" or cj.get("projector_hidden_act", "gelu") != "gelu":
                 raise CheckpointError(f"{where}: only LLaVA's patch features and GELU projector are supported")
             text = text_config(cj.get("text_config", {}), where)
@@ -248,30 +277,32 @@ class LLaVA(nn.Module):
                 anyres_cfg = AnyResConfig(anyres.parse_pinpoints(cj.get("image_grid_pinpoints", anyres.PINPOINTS),
                                                                  f"{where}: image_grid_pinpoints"), hf)
             sources = [(weight_files(path), HF_KEYS, llama_unused)]
-        elif "mm_vision_tower" in cj:
-            if cj.get("mm_projector_type", "linear") != "mlp2x_gelu" or cj.get("mm_vision_select_feature", "patch") != "patch":
-                raise CheckpointError(f"{where}: only LLaVA's mlp2x_gelu projector on patch features is supported")
+        elif cj.get("image_aspect_ratio") == "anyres":  # official LLaVA-1.6
+            for key, default, ok in OFFICIAL_SUPPORTED_NEXT:
+                if cj.get(key, default) not in ok:
+                    raise CheckpointError(f"{where}: {key} is {cj.get(key, default)!r}, and only the released LLaVA-1.6's "
+                                          f"{' or '.join(map(repr, ok))} is supported")
             text, image_id, pad_id = text_config(cj, where), IMAGE_TOKEN_INDEX, 0
-            if cj.get("image_aspect_ratio") == "anyres":  # LLaVA-1.6
-                if cj.get("mm_patch_merge_type", "flat") != "spatial_unpad":
-                    raise CheckpointError(f"{where}: mm_patch_merge_type {cj.get('mm_patch_merge_type')!r}; "
-                                          f"only the released models' spatial_unpad is supported")
-                anyres_cfg = AnyResConfig(anyres.parse_pinpoints(cj.get("image_grid_pinpoints"), f"{where}: image_grid_pinpoints"), hf)
-                vision = _tower_config(vision_tower or cj["mm_vision_tower"], path)
-                # the tower was fine-tuned and is in the checkpoint: it is the one used
-                sources = [(weight_files(path), OFFICIAL_KEYS, lambda k: llama_unused(k) or k.endswith("position_ids"))]
-            else:  # LLaVA-1.5
-                tower = Path(vision_tower or cj["mm_vision_tower"])
-                if not tower.is_dir():
-                    raise CheckpointError(f"{path} is an official LLaVA-1.5 checkpoint whose vision tower {cj['mm_vision_tower']!r} "
-                                          f"is not a local directory: pass vision_tower=DIR (a copy of openai/clip-vit-large-patch14-336)")
-                vision = ViTConfig.from_json(read_json(tower / "config.json"))
-                # the tower is frozen in LLaVA-1.5, so a copy inside the checkpoint equals CLIP's: dropped, CLIP's is loaded
-                drop = lambda k: llama_unused(k) or k.startswith("model.vision_tower.")
-                sources = [(weight_files(path), OFFICIAL_KEYS, drop), (weight_files(tower), TOWER_KEYS, clip_unused)]
-            vision = replace(vision, feature_layer=cj.get("mm_vision_select_layer", -2))
+            anyres_cfg = AnyResConfig(anyres.parse_pinpoints(cj.get("image_grid_pinpoints"), f"{where}: image_grid_pinpoints"), hf)
+            vision = replace(_tower_config(vision_tower or cj["mm_vision_tower"], path),
+                             feature_layer=cj.get("mm_vision_select_layer", -2))
+            # the tower was fine-tuned and is in the checkpoint: it is the one used
+            sources = [(weight_files(path), OFFICIAL_KEYS, lambda k: llama_unused(k) or k.endswith("position_ids"))]
         else:
-            raise CheckpointError(f"{where} is neither llava-hf's (model_type llava or llava_next) nor official LLaVA's (mm_vision_tower)")
+            for key, default, ok in OFFICIAL_SUPPORTED:
+                if cj.get(key, default) not in ok:
+                    raise CheckpointError(f"{path}/config.json: {key} is {cj.get(key, default)!r}, and only LLaVA-1.5's "
+                                          f"{' or '.join(map(repr, ok))} is supported")
+            tower = Path(vision_tower or cj["mm_vision_tower"])
+            if not tower.is_dir():
+                raise CheckpointError(f"{path} is an official LLaVA-1.5 checkpoint whose vision tower {cj['mm_vision_tower']!r} "
+                                      f"is not a local directory: pass vision_tower=DIR (a copy of openai/clip-vit-large-patch14-336)")
+            text = LlamaConfig.from_json(cj)
+            vision = replace(ViTConfig.from_json(read_json(tower / "config.json")), feature_layer=cj.get("mm_vision_select_layer", -2))
+            image_id, pad_id = IMAGE_TOKEN_INDEX, 0
+            # the tower is frozen in LLaVA-1.5, so a copy inside the checkpoint equals CLIP's: dropped, CLIP's is loaded
+            drop = lambda k: llama_unused(k) or k.startswith("model.vision_tower.")
+            sources = [(weight_files(path), OFFICIAL_KEYS, drop), (weight_files(tower), TOWER_KEYS, clip_unused)]
         with torch.device("meta"):
             model = cls(LLaVAConfig(vision, text, image_id, pad_id, anyres_cfg))
         return load_weights(model, sources, dtype).eval()
@@ -329,7 +360,7 @@ def text_config(cfg, where):
     Vicuna, Mistral and Yi are all the Llama block; their defaults differ where it matters, so a config that
     leaves out rope_theta is refused where the default 10000 would be wrong (Mistral-7B-v0.2 uses 1e6, Yi
     5e6). Mistral's sliding window, when one is set, becomes the context limit: no key falls outside it."""
-    kind = cfg.get("model_type", "llama").removeprefix("llava_")
+    kind = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}.get(cfg.get("model_type"), cfg.get("model_type", "llama"))
     if kind not in ("llama", "mistral"):
         raise CheckpointError(f"{where}: language model type {kind!r}; only Llama and Mistral are supported")
     has_theta = cfg.get("rope_theta") is not None or (cfg.get("rope_parameters") or {}).get("rope_theta") is not None

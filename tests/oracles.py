@@ -70,3 +70,29 @@ def tokenizer_image_token(prompt, encode, image_token_index=-200, bos_id=1):
     for x in separated:
         ids.extend(x[offset:])
     return ids
+
+
+def released_config(version, text, mm_hidden_size):
+    """config.json of an official liuhaotian LLaVA checkpoint with the key set as released (REFERENCE.md and
+    REFERENCE-NEXT.md D, A2): model_type "llava" as llava-hf's, the Llama keys at the top level, no text_config.
+    text: the tiny Llama's sizes, which replace the 7B ones."""
+    llama = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "bos_token_id": 1, "eos_token_id": 2,
+             "hidden_act": "silu", "initializer_range": 0.02, "pad_token_id": 0, "pretraining_tp": 1, "rope_scaling": None,
+             "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True, "num_key_value_heads": text["num_attention_heads"]}
+    mm = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": mm_hidden_size, "mm_vision_select_layer": -2,
+          "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": False,
+          "freeze_mm_mlp_adapter": False, "use_mm_proj": True}
+    if version == "1.0":  # LLaVA-Lightning-7B-delta-v1-1: linear projector, <im_start>/<im_end>, 224 px tower
+        mm.update(mm_vision_tower="openai/clip-vit-large-patch14", mm_use_im_start_end=True, transformers_version="4.28.0.dev0")
+        del mm["mm_use_im_patch_token"]
+        llama.update(max_sequence_length=2048, rms_norm_eps=1e-6)
+    elif version == "1.5":  # liuhaotian/llava-v1.5-7b
+        mm.update(mm_projector_type="mlp2x_gelu", mm_vision_select_feature="patch", image_aspect_ratio="pad",
+                  tokenizer_model_max_length=2048, tokenizer_padding_side="right", transformers_version="4.31.0")
+    elif version == "1.6":  # liuhaotian/llava-v1.6-vicuna-7b
+        mm.update(mm_projector_type="mlp2x_gelu", mm_vision_select_feature="patch", image_aspect_ratio="anyres",
+                  mm_patch_merge_type="spatial_unpad", unfreeze_mm_vision_tower=True, mm_vision_tower_lr=2e-6,
+                  mm_projector_lr=None, image_crop_resolution=224, image_split_resolution=224,
+                  image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                  tokenizer_model_max_length=4096, tokenizer_padding_side="right", transformers_version="4.36.2")
+    return {**llama, **text, **mm}

@@ -16,7 +16,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMod
 from nanollava import LLaVA, Llama, ViT
 from nanollava.checkpoint import CheckpointError
 from nanollava.llava import PRESETS, expand_image_tokens
-from oracles import close, hf_llava, save_bin
+from oracles import close, hf_llava, released_config, save_bin
 
 torch.manual_seed(0)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=42,
@@ -109,7 +109,8 @@ def test_llava_hf_both_layouts_and_save_roundtrip(tmp_path):
 
 
 def test_official_layout_matches_official_computation(tmp_path):
-    """liuhaotian layout: Vicuna's keys + model.mm_projector.{0,2}, the CLIP tower in its own directory."""
+    """liuhaotian layout: Vicuna's keys + model.mm_projector.{0,2}, the CLIP tower in its own directory, config.json
+    with the released keys (model_type "llava", no text_config); LLaVA-1.0's and 1.6's are refused by name."""
     hf, _ = hf_llava(tmp_path)
     clip = tmp_path / "clip"
     hf.model.vision_tower.save_pretrained(clip)
@@ -120,9 +121,11 @@ def test_official_layout_matches_official_computation(tmp_path):
     for i, lin in ((0, hf.model.multi_modal_projector.linear_1), (2, hf.model.multi_modal_projector.linear_2)):
         sd[f"model.mm_projector.{i}.weight"], sd[f"model.mm_projector.{i}.bias"] = lin.weight, lin.bias
     torch.save({k: v.detach().half() for k, v in sd.items()}, off / "pytorch_model.bin")  # fp16 pickles, as shipped
-    (off / "config.json").write_text(json.dumps({**TEXT, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-                                                 "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-                                                 "mm_vision_select_feature": "patch", "mm_hidden_size": 64}))
+    for version, refused in (("1.0", "mm_projector_type is 'linear'"), ("1.6", "image_aspect_ratio is 'anyres'")):
+        (off / "config.json").write_text(json.dumps(released_config(version, TEXT, 64)))
+        with pytest.raises(CheckpointError, match=refused):
+            LLaVA.from_pretrained(off, vision_tower=clip)
+    (off / "config.json").write_text(json.dumps(released_config("1.5", TEXT, 64)))  # as liuhaotian/llava-v1.5-7b ships it
     with pytest.raises(CheckpointError, match="vision_tower=DIR"):
         LLaVA.from_pretrained(off)
     model = LLaVA.from_pretrained(off, vision_tower=clip)
@@ -139,6 +142,18 @@ def test_official_layout_matches_official_computation(tmp_path):
         ref = hf.lm_head(hf.model.language_model(inputs_embeds=emb).last_hidden_state)
         close(model(ids, px), ref, 1e-4, "official LLaVA-1.5 layout vs CLIP -> projector -> Llama")
 
+
+
+def test_plain_vicuna_or_clip_is_not_a_llava(tmp_path):
+    LlamaForCausalLM(HFLlamaConfig(**TEXT)).save_pretrained(tmp_path / "vicuna")
+    save_bin(LlamaForCausalLM(HFLlamaConfig(**TEXT)), tmp_path / "vicuna-bin")  # as lmsys ships it
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(tmp_path / "clip-vision")
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    save_bin(CLIPModel(CLIPConfig(text_config=text, vision_config=VISION)), tmp_path / "clip")  # as openai ships it
+    for name, what in (("vicuna", "Vicuna"), ("vicuna-bin", "Vicuna"), ("clip-vision", "CLIP"), ("clip", "CLIP")):
+        with pytest.raises(CheckpointError, match=f"{name} is a plain {what}.*, not a LLaVA") as e:
+            LLaVA.from_pretrained(tmp_path / name)
+        assert len(str(e.value).splitlines()) == 1
 
 def test_kv_cache_decoding_equals_full_forward(tmp_path):
     hf, d = hf_llava(tmp_path)

@@ -8,6 +8,7 @@ import io
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import prepare
+from nanollava import download
 from nanollava.data import IMAGE, SHORT_ANSWER, LLaVADataset
 from nanollava.llama import Llama
 from nanollava.tokenizer import load_tokenizer
@@ -30,11 +32,17 @@ SMALL = dict(seed=7, image_size=48, patch_size=16, n_train=48, n_eval=12, eval_q
              vocab_size=400, llm_width=64, llm_layers=1, llm_heads=2, llm_steps=3, llm_batch=4, llm_lr=3e-3)
 
 
-def run_prepare(root, **flags):
-    """`python prepare.py --root ROOT --flag value ...`, in process (no second torch import); returns what it printed."""
+def small_argv(root, **flags):
+    """--root ROOT and every flag of SMALL (overridden by flags; True for a switch such as force)."""
     argv = ["--root", str(root)]
     for k, v in {**SMALL, **flags}.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def run_prepare(root, **flags):
+    """`python prepare.py --root ROOT --flag value ...`, in process (no second torch import); returns what it printed."""
+    argv = small_argv(root, **flags)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         prepare.prepare_world(prepare.parser.parse_args(argv))
@@ -153,6 +161,74 @@ def test_rerun_reuses_and_an_unfinished_part_is_rebuilt(world):
     assert (d / "base/vicuna/.done").is_file() and (d / "manifest.json").is_file()
 
 
+class Killed(BaseException):
+    """What a kill -9 leaves: nothing after the point it strikes runs."""
+
+
+@pytest.mark.parametrize("how", ["killed under --force", "killed under another --n-eval", "a file removed by hand"])
+def test_nothing_half_built_is_taken_as_done(world, tmp_path, monkeypatch, how):
+    root = tmp_path / "root"
+    shutil.copytree(world.dir, root / "world")
+    d = root / "world"
+    if how == "a file removed by hand":
+        (d / "stage2.json").unlink()
+        (d / "base/clip/model.safetensors").unlink()
+    else:
+        def kill(*a, **k):  # strikes in the world's rebuild, after its old files are gone
+            raise Killed()
+        monkeypatch.setattr("nanollava.world.eval_rows", kill)
+        with pytest.raises(Killed):
+            run_prepare(root, **({"force": True} if "force" in how else {"n_eval": SMALL["n_eval"] + 1}))
+        monkeypatch.undo()
+    out = run_prepare(root)  # the flags of the complete world again
+    assert "world: building" in out and "world: complete, reused" not in out, out
+    if how == "a file removed by hand":
+        assert "base/clip: building" in out and "base/vicuna: complete, reused" in out, out
+    manifest = json.loads((d / "manifest.json").read_text())
+    for path in [manifest["clip"], manifest["vicuna"], manifest["stage1"]["data"], manifest["eval"]["questions"]]:
+        assert (d / path).exists(), f"the manifest names {path}, which is missing"
+    assert tree_digest(d) == tree_digest(world.dir)
+
+
+def run_read_only(ro, argv):
+    """prepare.py ARGV with the folder ro read-only: its write bits cleared for a user; for root (whom permissions do
+    not stop) a read-only bind mount in a mount namespace of its own, or a skip where that is not allowed."""
+    cmd = [sys.executable, str(ROOT / "prepare.py"), *argv]
+    if os.geteuid() != 0:
+        paths = [ro, *ro.rglob("*")]
+        modes = {p: p.stat().st_mode for p in paths}
+        try:
+            for p in paths:
+                p.chmod(modes[p] & ~0o222)
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        finally:
+            for p in paths:
+                p.chmod(modes[p])
+    mount = f"mount --bind '{ro}' '{ro}' && mount -o remount,bind,ro '{ro}'"
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode:
+        pytest.skip("running as root without the right to mount: no read-only folder can be made here")
+    return subprocess.run(["unshare", "-m", "sh", "-c", mount + ' && exec "$@"', "sh", *cmd],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_read_only_root_fails_in_one_sentence(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = run_read_only(ro, small_argv(ro / "data"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert str(ro / "data") in r.stderr and not list(ro.iterdir())
+
+
+def test_a_complete_world_on_a_read_only_mount_is_used_as_it_is(world, tmp_path):
+    shutil.copytree(world.dir, tmp_path / "world")
+    before = {str(f): f.stat().st_mtime_ns for f in [tmp_path / "world", *(tmp_path / "world").rglob("*")]}
+    r = run_read_only(tmp_path / "world", small_argv(tmp_path))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("complete, reused") == 3 and "manifest.json" in r.stdout, r.stdout
+    after = {str(f): f.stat().st_mtime_ns for f in [tmp_path / "world", *(tmp_path / "world").rglob("*")]}
+    assert after == before, "a complete world was written to"
+
+
 # ------------------------------------------------------------------------------------------- LLaVA-1.5 path
 
 def test_llava_check_on_a_fake_tree(tmp_path, monkeypatch):
@@ -177,7 +253,7 @@ def test_llava_check_on_a_fake_tree(tmp_path, monkeypatch):
     (root / "LLaVA-Instruct-150K").mkdir()
     (root / "LLaVA-Instruct-150K/llava_v1_5_mix665k.json").write_text(json.dumps(stage2))
 
-    manifest, missing = prepare.check_llava(root, "7b")
+    manifest, missing = download.check_llava(root, "7b")
     assert manifest["clip"] == "clip-vit-large-patch14-336" and manifest["vicuna"] == "vicuna-7b-v1.5"
     assert manifest["counts"]["stage1"] == {"blip_laion_cc_sbu": {"rows": 2, "present": 1}}
     assert manifest["counts"]["stage2"] == {"coco": {"rows": 1, "present": 1}, "gqa": {"rows": 1, "present": 0},
@@ -192,13 +268,13 @@ def test_llava_check_on_a_fake_tree(tmp_path, monkeypatch):
     (root / "ocr_vqa/images").mkdir(parents=True)
     (root / "ocr_vqa/images/3.jpg").write_bytes(b"jpg")
     (pre / "images/00000/b.jpg").write_bytes(b"jpg")
-    manifest, missing = prepare.check_llava(root, "7b")  # all there: the official files are used as they are
+    manifest, missing = download.check_llava(root, "7b")  # all there: the official files are used as they are
     assert missing == [] and manifest["stage2"]["data"] == "LLaVA-Instruct-150K/llava_v1_5_mix665k.json"
     assert manifest["stage1"] == {"data": "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "image_root": "LLaVA-Pretrain/images"}
 
     # downloads that finished (their markers) are not fetched again: a complete tree needs no network
     for name in ["clip", "vicuna", "pretrain", "instruct"]:
-        folder = prepare.HUB[name][3].format(size="7b")
+        folder = download.HUB[name][3].format(size="7b")
         (root / folder / f".{name}.complete").write_text("ok\n")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     prepare.prepare_llava(prepare.parser.parse_args(["--recipe", "llava-1.5", "--root", str(tmp_path), "--image-sets", "none"]))
@@ -241,10 +317,10 @@ def test_download_resumes_and_never_keeps_a_partial_file(tmp_path):
     thread.start()
     try:
         url, dest = f"http://127.0.0.1:{server.server_port}/images.zip", tmp_path / "images.zip"
-        with pytest.raises(prepare.DownloadError, match="run again to resume|cannot fetch"):
-            prepare.download(url, dest, chunk=4096, timeout=5)
+        with pytest.raises(download.DownloadError, match="run again to resume|cannot fetch"):
+            download.download(url, dest, chunk=4096, timeout=5)
         assert not dest.exists() and Path(f"{dest}.part").stat().st_size == 30_000
-        prepare.download(url, dest, chunk=4096, timeout=5)  # resumes from byte 30000
+        download.download(url, dest, chunk=4096, timeout=5)  # resumes from byte 30000
         assert dest.read_bytes() == _RangeServer.DATA and not Path(f"{dest}.part").exists()
         assert server.ranges == [0, 30_000]
     finally:
@@ -254,8 +330,8 @@ def test_download_resumes_and_never_keeps_a_partial_file(tmp_path):
 
 
 def test_no_network_fails_in_one_sentence(tmp_path):
-    with pytest.raises(prepare.DownloadError, match="cannot fetch"):  # port 9 (discard) is closed on loopback
-        prepare.download("http://127.0.0.1:9/train2017.zip", tmp_path / "train2017.zip", timeout=5)
+    with pytest.raises(download.DownloadError, match="cannot fetch"):  # port 9 (discard) is closed on loopback
+        download.download("http://127.0.0.1:9/train2017.zip", tmp_path / "train2017.zip", timeout=5)
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
     r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--recipe", "llava-1.5", "--size", "7b",
                         "--root", str(tmp_path), "--image-sets", "none"], capture_output=True, text=True, env=env, timeout=120)

@@ -1,5 +1,5 @@
 """sample.py on tiny random checkpoints: streaming, batches, chat on one KV cache, the official prompt and greedy
-tokens against transformers, the evaluation metrics, and bad input. In-process where possible, else subprocess."""
+tokens against transformers, the evaluation loop (its scorers: test_eval.py), and bad input. In-process where possible, else subprocess."""
 import io
 import json
 import os
@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 import sample
-from nanollava.data import IMAGE, SYSTEM, continuation_ids, prompt_ids
+from nanollava.data import IMAGE, SYSTEM, continuation_ids, prompt_ids, read_rows
+from nanollava.eval import normalize_answer
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.tokenizer import train_tokenizer
 from nanollava.vit import ViTConfig
-from oracles import hf_llama_tokenizer, tokenizer_image_token
+from oracles import hf_llama_tokenizer, released_config, tokenizer_image_token
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = dict(image_size=42, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -68,6 +69,10 @@ def cli(tiny, tmp_path_factory):
     (d / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in EVAL_QUESTIONS))
     (d / "truncated.png").write_bytes((tiny / "noise.png").read_bytes()[:200])
     (d / "notes.png").write_text("not an image")
+    shutil.copy(d / "truncated.png", d / "imgs" / "c.png")
+    (d / "bad-second.jsonl").write_text("".join(json.dumps({**q, "image": f"imgs/{im}"}) + "\n"
+                                                for q, im in zip(EVAL_QUESTIONS, ["a.png", "c.png"])))
+    (d / "kept.jsonl").write_text("the previous run's answers\n")
     shutil.copytree(tiny, d / "broken-model")
     (d / "broken-model" / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes()[:5000])
     greedy = ["--model", tiny, "--temperature", 0]
@@ -77,6 +82,8 @@ def cli(tiny, tmp_path_factory):
         "chat": (greedy + ["--image", tiny / "red.png", "--chat", "--max-new-tokens", 12], f"{Q1}\n{Q3}\n"),
         "eval": (["--model", tiny, "--eval", d / "questions.jsonl", "--answers", d / "answers.jsonl", "--batch-size", 2,
                   "--max-new-tokens", 10], None),
+        "c.png": (["--model", tiny, "--eval", d / "bad-second.jsonl", "--answers", d / "kept.jsonl", "--batch-size", 1,
+                   "--max-new-tokens", 4], None),
         "missing.png": (greedy + ["--image", d / "missing.png"], None),
         "truncated.png": (greedy + ["--image", d / "truncated.png"], None),
         "notes.png": (greedy + ["--image", d / "notes.png"], None),
@@ -206,9 +213,7 @@ def test_official_checkpoint_prompt_and_greedy_tokens(tiny, tmp_path, sp_model_p
     off.mkdir()
     sd = {**llm.state_dict(), **{f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}}
     torch.save({k: v.contiguous() for k, v in sd.items()}, off / "pytorch_model.bin")
-    (off / "config.json").write_text(json.dumps({**text, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-                                                 "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-                                                 "mm_vision_select_feature": "patch", "mm_hidden_size": 32, "image_aspect_ratio": "pad"}))
+    (off / "config.json").write_text(json.dumps(released_config("1.5", text, 32)))  # as liuhaotian/llava-v1.5-7b ships it
     shutil.copy(sp_model_path, off / "tokenizer.model")
 
     model, tok, pre = sample.load(off, vision_tower=tmp_path / "clip")
@@ -241,56 +246,17 @@ def test_official_checkpoint_prompt_and_greedy_tokens(tiny, tmp_path, sp_model_p
 
 # ----------------------------------------------------------------------------- evaluation
 
-def test_metric_functions_against_hand_computed_numbers():
-    assert sample.normalize_answer("The Top-Left.") == "top left"
-    assert sample.normalize_answer("  Two  apples, an orange!") == "2 apples orange"
-    assert sample.normalize_answer("3.5 cm") == "3.5 cm" and sample.normalize_answer("it's") == "its"
-    # POPE: the first sentence decides; No / no / not as words, commas dropped; anything else is yes
-    assert [sample.pope_label(t) for t in ["Yes", "No, there is not.", "There is no dog.", "Yes. But no cat.",
-                                           "Nope", "NO", "not", "Yes, it is notable."]] == \
-        ["yes", "no", "no", "yes", "yes", "yes", "no", "yes"]
-    preds = ["yes", "no", "yes", "no", "yes", "yes"]  # references below: TP 2, FP 2, TN 1, FN 1
-    refs = ["yes", "no", "no", "yes", "yes", "no"]
-    m = sample.pope_metrics(preds, refs)
-    assert m["precision"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)) and m["accuracy"] == pytest.approx(3 / 6)
-    assert m["yes-ratio"] == pytest.approx(4 / 6)
-    # ScienceQA: a letter, "X. ...", "The answer is X"; anything else fails
-    assert [sample.parse_letter(t) for t in ["B", " C ", "A. a cat", "The answer is D.", "I think The answer is E",
-                                             "b", "AB", "Answer: C", ""]] == ["B", "C", "A", "D", "E", None, None, None, None]
-    assert sample.metrics(["B", "The answer is A.", "C", "x"], ["B", "A", "D", "A"]) == {"accuracy": 0.5}
-    assert sample.metrics(["The red one.", "2", "top left"], ["red", "two", "left"]) == {"accuracy": pytest.approx(1 / 3)}
-    assert sample.metric_kind(["Yes", "no"]) == "pope" and sample.metric_kind(["A", "C"]) == "letter"
-    assert sample.metric_kind(["yes", "A", "red"]) == "exact"
-
-
-@pytest.mark.parametrize("kind,rows,expected", [
-    ("exact", [("Red.", "red"), ("the circle", "circle"), ("3", "three"), ("blue", "green")], {"accuracy": 0.75}),
-    ("pope", [("Yes, there is.", "yes"), ("No.", "no"), ("Yes", "no"), ("There is not one.", "yes")],
-     {"f1": 0.5, "precision": 0.5, "recall": 0.5, "yes-ratio": 0.5, "accuracy": 0.5}),
-    ("letter", [("A", "A"), ("B. because", "B"), ("The answer is C.", "D"), ("E", "E"), ("no idea", "A")], {"accuracy": 0.6}),
-])
-def test_score_an_answers_file(tmp_path, capsys, kind, rows, expected):
-    path = tmp_path / "answers.jsonl"
-    path.write_text("".join(json.dumps({"question_id": i, "prompt": "q", "text": t, "answer": a}) + "\n"
-                            for i, (t, a) in enumerate(rows)) + json.dumps({"question_id": 99, "text": "x"}) + "\n")
-    assert sample.score(sample.read_rows(path)) == pytest.approx(expected)
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{k}: {v:.4f} (n={len(rows)})" for k, v in expected.items()]
-    assert lines[-1].startswith("accuracy: ")
-
-
 def test_eval_writes_llava_answers_and_scores(loaded, cli):
     model, tok, pre = loaded
     results, d = cli
     rc, out, err = results["eval"]
     assert rc == 0, err
-    answers = sample.read_rows(d / "answers.jsonl")
+    answers = [row for _, row in read_rows(d / "answers.jsonl")]
     assert [a["question_id"] for a in answers] == [7, 8, 9]
     assert all({"question_id", "prompt", "text", "answer_id", "model_id", "answer"} <= a.keys() for a in answers)
     alone = [tok.decode(sample.answer(model, tok, pre, [(d / q["image"], q["text"])], 10)[0]).strip() for q in EVAL_QUESTIONS]
     assert [a["text"] for a in answers] == alone  # greedy, batched with left padding, equals each alone
-    acc = sum(sample.normalize_answer(a["text"]) == a["answer"] for a in answers) / 3
+    acc = sum(normalize_answer(a["text"]) == a["answer"] for a in answers) / 3
     assert out == f"accuracy: {acc:.4f} (n=3)\n", out
     assert "color:" in err and "kind:" in err  # per-category details on stderr
 
@@ -303,6 +269,38 @@ def test_bad_input_is_one_line_and_exit_2(cli, name):
     assert rc == 2 and out == "", f"exit {rc}, stdout {out!r}, stderr {err}"
     assert len(err.splitlines()) == 1 and name in err and "Traceback" not in err, err
 
+
+
+def test_a_bad_image_late_in_the_questions_leaves_the_answers_file_as_it_was(cli):
+    rc, out, err = cli[0]["c.png"]  # the first question is answered, the second image is truncated
+    assert rc == 2 and len(err.strip().splitlines()) >= 1 and "c.png" in err.strip().splitlines()[-1], err
+    d = cli[1]
+    assert (d / "kept.jsonl").read_text() == "the previous run's answers\n"
+    assert not [p.name for p in d.iterdir() if p.name.startswith("kept.jsonl.")]
+
+
+@pytest.mark.parametrize("flag,value", [("--max-new-tokens", "0"), ("--max-new-tokens", "-3"), ("--temperature", "-1"),
+                                        ("--top-p", "0"), ("--top-p", "2"), ("--top-p", "-1"), ("--batch-size", "0"),
+                                        ("--batch-size", "-1"), ("--threads", "0")])
+def test_out_of_range_flags_are_refused_at_parse_time_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        sample.parser.parse_args(["--image", "x.png", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err and value in err, err
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question_id": 2, "text": 42}', "line 3: 'text' must be a string, not a number"),
+    ('{"question_id": 2, "text": null}', "line 3: 'text' must be a string, not null"),
+    ('{"question_id": 2, "text": "q", "image": 5}', "line 3: 'image' must be a string, not a number"),
+    ('{"question_id": 2, "text": "q"', "line 3: not valid JSON"),
+])
+def test_bad_question_rows_are_one_sentence_naming_file_and_line(tiny, tmp_path, capsys, line, message):
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "text": Q1}) + "\n\n" + line + "\n")
+    rc = sample.main(["--model", str(tiny), "--eval", str(path), "--answers", str(tmp_path / "a.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and f"{path}, {message}" in err, err
 
 
 def test_generate_right_aligns_rows_with_different_image_counts(tiny, loaded):

@@ -1,0 +1,244 @@
+"""
+nanollava against transformers' LlavaForConditionalGeneration on the same weights, each side measured in one run
+and the ratio printed: a stage-2 training step, greedy decoding, and loading a checkpoint.
+
+    python bench.py train --steps 20                          # prepare.py's world: 16 rows, forward+backward+AdamW
+    python bench.py decode                                    # a tiny random world-sized checkpoint, 64 tokens
+    python bench.py decode --model out/stage2/model --repeats 9
+    python bench.py load --model out/stage2/model             # from_pretrained to a ready model, both sides
+    python bench.py decode --model llava-1.5-7b-hf --device cuda   # on a GPU
+    python bench.py decode --next                             # LLaVA-1.6: a tiny llava_next checkpoint, a 2 x 2 tile image
+
+The two sides alternate inside each repeat, so a change in machine load hits both alike; medians (train: means)
+are reported. transformers is a test-only dependency of nanollava: it is imported here only. The kernels'
+own benchmark (Triton against SDPA and eager PyTorch) is kernels/bench.py.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+from nanollava import anyres
+from nanollava.anyres import AnyResConfig
+from nanollava.checkpoint import read_json
+from nanollava.data import DataError, IMAGE, LLaVADataset, collate, prompt_ids
+from nanollava.llava import LLaVA, LLaVAConfig, expand_image_tokens
+from nanollava.llama import LlamaConfig
+from nanollava.recipes import RECIPES
+from nanollava.tokenizer import load_tokenizer
+from nanollava.vit import ViTConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("what", choices=["train", "decode", "load"], help="the training step, greedy decoding, or loading")
+parser.add_argument("--model", help="decode, load: a llava-hf layout checkpoint (default: a tiny random world-sized one)")
+parser.add_argument("--data", default=RECIPES["world"].data, help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data)")
+parser.add_argument("--steps", type=int, default=20, help="train: timed steps after 2 warm-up steps")
+parser.add_argument("--micro-batch", type=int, default=16, help="train: rows in the batch")
+parser.add_argument("--next", action="store_true", help="decode, load without --model: a tiny LLaVA-1.6 (AnyRes, llava_next) checkpoint, against LlavaNextForConditionalGeneration")
+parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per generation (eos ignored by both)")
+parser.add_argument("--repeats", type=int, default=5, help="decode, load: timed repeats after a warm-up")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bfloat16 on cuda, float32 on cpu")
+parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+parser.add_argument("--seed", type=int, default=1337, help="train: seeds the projector's init")
+
+
+def transformers_llava(model_type="llava"):
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers.utils.logging import disable_progress_bar
+    disable_progress_bar()
+    return LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+
+
+def synced(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def tiny_checkpoint(out_dir, width=128, layers=2, llava_next=False):
+    """A random checkpoint (llava-hf layout) of the default world's model size, as prepare.py and train.py build it:
+    LLM hidden 128 (heads of 32, MLP 8/3 x), 2 layers, vocabulary 1024 + <image> + <pad> padded to 1088; tower
+    hidden 128, 3 layers, 72 px images in 24 px patches (9 image tokens). llava_next=True: LLaVA-1.6's AnyRes over
+    the released pinpoints scaled to 72 px tiles."""
+    torch.manual_seed(0)
+    vision = ViTConfig(image_size=72, patch_size=24, hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
+    text = LlamaConfig(vocab_size=1088, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
+                       num_hidden_layers=layers, num_attention_heads=width // 32, max_position_embeddings=2048)
+    tiles = AnyResConfig(tuple((a * 72 // 336, b * 72 // 336) for a, b in anyres.PINPOINTS)) if llava_next else None
+    LLaVA(LLaVAConfig(vision, text, image_token_id=1024, pad_token_id=1025, anyres=tiles)).save_pretrained(out_dir)
+    return out_dir
+
+
+def checked_llava_hf(model_dir):
+    if read_json(Path(model_dir) / "config.json").get("model_type") not in ("llava", "llava_next"):
+        raise DataError(f"{model_dir}: the benchmark needs a llava-hf layout checkpoint (transformers cannot read the official one)")
+
+
+# ----------------------------------------------------------------------------- the stage-2 training step
+
+def bench_train(manifest_path, steps, micro_batch, device, seed):
+    """Forward, backward and AdamW on one stage-2 batch of prepare.py's world, the tower frozen, both models
+    from the same weights; mean step time of `steps` steps after 2 warm-up steps."""
+    LlavaForConditionalGeneration = transformers_llava()
+    manifest_path = Path(manifest_path)
+    if not manifest_path.is_file():
+        raise DataError(f"no manifest {manifest_path}: run prepare.py, or pass --data")
+    manifest = json.loads(manifest_path.read_text())
+    at = lambda p: manifest_path.parent / p
+    torch.manual_seed(seed)
+    ours = LLaVA.from_base(at(manifest["clip"]), at(manifest["vicuna"]))
+    tok = load_tokenizer(at(manifest["vicuna"]))
+    tok.add_special_tokens(["<image>", "<pad>"])
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="sdpa")
+    ours, theirs = ours.to(device), theirs.to(device)
+    S, P = ours.config.vision.image_size, ours.config.vision.num_patches
+    ds = LLaVADataset(at(manifest["stage2"]["data"]), at(manifest["stage2"]["image_root"]), tok, "vicuna_v1",
+                      ours.image_token_id, image_size=S, image_seq_len=P)
+    b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([ds[i] for i in range(micro_batch)], tok.pad_id).items()}
+    # transformers wants each <image> already repeated P times
+    hf_ids, hf_mask, hf_labels, _ = expand_image_tokens(b["input_ids"], ours.image_token_id, P, b["attention_mask"],
+                                                        b["labels"], pad_id=tok.pad_id)
+    steps_of = {"nanollava": lambda: ours(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"]),
+                "transformers": lambda: theirs(input_ids=hf_ids, pixel_values=b["pixel_values"], attention_mask=hf_mask, labels=hf_labels).loss}
+    opts, times = {}, {"nanollava": 0.0, "transformers": 0.0}
+    for name, model, tower in (("nanollava", ours, ours.vision_tower), ("transformers", theirs, theirs.model.vision_tower)):
+        model.train().requires_grad_(True)
+        tower.requires_grad_(False)
+        opts[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for i in range(2 + steps):
+        for name in times:
+            t0 = synced(device)
+            steps_of[name]().backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            times[name] += (synced(device) - t0) / steps if i >= 2 else 0.0
+    print(f"stage-2 step, batch {hf_ids.shape[0]} x {hf_ids.shape[1]} tokens, {torch.get_num_threads()} threads:", flush=True)
+    for name, t in times.items():
+        print(f"{name:>12}: {1e3 * t:7.1f} ms a step", flush=True)
+    print(f"nanollava / transformers: {times['transformers'] / times['nanollava']:.2f}x the steps/s", flush=True)
+    return times
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+def bench_decode(model_dir, device, dtype, n_new, repeats):
+    """nanollava's generate and transformers' generate on the same checkpoint, prompt and greedy settings, exactly
+    n_new tokens each (eos ignored): time to first token (image, prefill and one token, timed as a 1-token
+    generation) and decode tokens/s ((n_new - 1) / (time(n_new) - time(1))), medians of repeats."""
+    checked_llava_hf(model_dir)
+    ours = LLaVA.from_pretrained(model_dir, dtype=dtype, conventions="transformers").to(device)
+    kind = read_json(Path(model_dir) / "config.json")["model_type"]
+    theirs = transformers_llava(kind).from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    cfg, img = ours.config, ours.image_token_id
+    g = torch.Generator().manual_seed(0)
+    if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        ids = prompt_ids([(IMAGE + "\n" + "Describe the image.", None)], load_tokenizer(model_dir), img)
+    else:  # as long as the vicuna_v1 prompt of a short question
+        ids = [1] + torch.randint(3, img, (35,), generator=g).tolist() + [img] + torch.randint(3, img, (12,), generator=g).tolist()
+    S, P = cfg.vision.image_size, cfg.vision.num_patches
+    pixels = torch.randn(1, 3, S, S, generator=g).to(device=device, dtype=dtype)
+    hf_pixels, ours_kw, hf_kw = pixels, {}, {}
+    if cfg.anyres is not None:  # an image of 2 x 2 tiles (at 336-px tiles, 640 x 480: 2340 image tokens)
+        size = (S * 40 // 21, S * 10 // 7)
+        P = anyres.num_tokens(size, cfg.anyres.pinpoints, S, S // cfg.vision.patch_size, hf=True)
+        n = anyres.num_tiles(size, cfg.anyres.pinpoints, S, hf=True)
+        pixels = torch.randn(n, 3, S, S, generator=g).to(device=device, dtype=dtype)
+        hf_pixels = pixels[None]  # transformers' LlavaNext: (N, tiles, 3, S, S), image_sizes (height, width)
+        ours_kw, hf_kw = {"image_sizes": [size]}, {"image_sizes": torch.tensor([[size[1], size[0]]], device=device)}
+    ids = torch.tensor([ids], device=device)
+    hf_ids = expand_image_tokens(ids, img, P).input_ids  # llava-hf repeats <image> P times
+    runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1, **ours_kw),
+            "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=hf_pixels, attention_mask=torch.ones_like(hf_ids),
+                                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, **hf_kw)[:, hf_ids.shape[1]:]}
+
+    def timed(fn, n):
+        t = synced(device)
+        with torch.no_grad():
+            out = fn(n)
+        return synced(device) - t, out
+
+    print(f"decode: {model_dir} on {device} ({dtype}), prompt {ids.shape[1] + P - 1} positions with {P} image tokens, "
+          f"{n_new} new tokens, {repeats} repeats, {torch.get_num_threads()} threads", file=sys.stderr, flush=True)
+    tokens = {name: timed(fn, n_new)[1][0].tolist() for name, fn in runs.items()}  # warm-up
+    times = {name: ([], []) for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name][0].append(timed(fn, 1)[0])
+            times[name][1].append(timed(fn, n_new)[0])
+    results = {}
+    for name, (first, full) in times.items():
+        first, full = statistics.median(first), statistics.median(full)
+        results[name] = (first, (n_new - 1) / (full - first))
+        print(f"{name:>12}: time to first token {first * 1000:7.2f} ms, decode {results[name][1]:8.1f} tokens/s", flush=True)
+    same = next((i for i, (a, b) in enumerate(zip(*tokens.values())) if a != b), n_new)
+    print(f"greedy tokens agree for the first {same} of {n_new}", file=sys.stderr, flush=True)
+    (ttft, rate), (their_ttft, their_rate) = results["nanollava"], results["transformers"]
+    print(f"nanollava / transformers: decode {rate / their_rate:.2f}x the tokens/s, "
+          f"time to first token {ttft / their_ttft:.2f}x as long", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- loading
+
+def bench_load(model_dir, device, dtype, repeats):
+    """from_pretrained of each side, from the checkpoint's files to a model ready on the device, medians of repeats
+    after a warm-up (the warm-up fills the page cache, so both read from memory)."""
+    checked_llava_hf(model_dir)
+    LlavaForConditionalGeneration = transformers_llava(read_json(Path(model_dir) / "config.json")["model_type"])
+    runs = {"nanollava": lambda: LLaVA.from_pretrained(model_dir, dtype=dtype).to(device),
+            "transformers": lambda: LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()}
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = synced(device)
+            model = fn()
+            times[name].append(synced(device) - t)
+            del model
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"load: {model_dir} on {device} ({dtype}), {repeats} repeats:", flush=True)
+    for name, t in medians.items():
+        print(f"{name:>12}: {1e3 * t:8.1f} ms", flush=True)
+    print(f"nanollava / transformers: {medians['transformers'] / medians['nanollava']:.2f}x as fast", flush=True)
+    return medians
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch), ("--tokens", args.tokens),
+                        ("--repeats", args.repeats), ("--threads", args.threads or 1)):
+        if value < 1:
+            parser.error(f"{flag} must be 1 or more, not {value}")
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    kernels.use("auto")
+    try:
+        if args.what == "train":
+            return bench_train(args.data, args.steps, args.micro_batch, args.device, args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = args.model or tiny_checkpoint(tmp, llava_next=args.next)
+            if args.what == "decode":
+                return bench_decode(model_dir, args.device, dtype, args.tokens, args.repeats)
+            return bench_load(model_dir, args.device, dtype, args.repeats)
+    except (ValueError, OSError) as e:  # DataError, CheckpointError: one line, exit 2
+        print(f"bench.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
