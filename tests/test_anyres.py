@@ -18,7 +18,7 @@ from nanollava import anyres
 from nanollava.anyres import PINPOINTS, num_tokens, process_anyres_image, select_best_resolution, unpad
 from nanollava.checkpoint import CheckpointError
 from nanollava.llava import PRESETS, expand_image_tokens
-from oracles import close
+from oracles import close, released_config
 
 # ----------------------------------------------------------------------------- preprocessing (the released sizes)
 
@@ -220,13 +220,10 @@ def official_layout(hf, path, model_type="llava_llama", tower=None):
     for k, v in hf.model.vision_tower.state_dict().items():
         sd["model.vision_tower.vision_tower." + ("" if k.startswith("vision_model.") else "vision_model.") + k] = v
     save_file({k: v.detach().contiguous() for k, v in sd.items()}, path / "model.safetensors")
-    text = lm.config.to_dict()
-    text["rope_theta"] = text.get("rope_theta") or text.get("rope_parameters", {}).get("rope_theta")
-    cfg = {**text, "model_type": model_type, "architectures": ["LlavaLlamaForCausalLM"],
-           "mm_vision_tower": str(tower or "openai/clip-vit-large-patch14-336"), "mm_vision_select_layer": -2,
-           "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64,
-           "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres",
-           "image_grid_pinpoints": str([list(p) for p in TINY_PINPOINTS])}  # the string form occurs too
+    # the key set liuhaotian/llava-v1.6-vicuna-7b ships, at the tiny sizes, pinpoints in their string form (both occur)
+    cfg = {**released_config("1.6", TEXT, VISION["hidden_size"]), "model_type": model_type,
+           "mm_vision_tower": str(tower or "openai/clip-vit-large-patch14-336"),
+           "image_grid_pinpoints": str([list(p) for p in TINY_PINPOINTS]), "rope_theta": 10000.0}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
