@@ -178,7 +178,9 @@ def _build_next(segs, tok, image_token_id, bos=True):
 def _ids(pairs, has_image, tok, template, image_token_id, system):
     if template in ("mistral_instruct", "chatml_direct"):  # BOS: Mistral's tokenizer adds one, Yi's does not
         return _build_next(next_segments(pairs, has_image, template), tok, image_token_id, template == "mistral_instruct")
-    return _build(pairs, has_image, tok, template, image_token_id, SYSTEM_LLAVA_V1 if template == "llava_v1" else system)
+    if template == "llava_v1" and system == SYSTEM:  # the default system sentence, in llava_v1's words
+        system = SYSTEM_LLAVA_V1
+    return _build(pairs, has_image, tok, template, image_token_id, system)
 
 
 def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM):
@@ -188,12 +190,12 @@ def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM
     return _ids(pairs, has_image, tok, template, image_token_id, system)
 
 
-def prompt_ids(turns, tok, image_token_id, template="vicuna_v1"):
+def prompt_ids(turns, tok, image_token_id, system=SYSTEM, template="vicuna_v1"):
     """The prompt for generation, ending where the answer starts ("ASSISTANT:", "[/INST]", "assistant\n").
     turns: [(question, answer), ..., (question, None)] or LLaVA turns ending with a human one; put "<image>" in
-    a question to include the image."""
+    a question to include the image. system: vicuna_v1's and llava_v1's system sentence."""
     pairs, has_image = _prepare(turns, template, open_end=True)
-    return _ids(pairs, has_image, tok, template, image_token_id, SYSTEM)[0]
+    return _ids(pairs, has_image, tok, template, image_token_id, system)[0]
 
 
 def continuation_ids(question, tok, template="vicuna_v1"):

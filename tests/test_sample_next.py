@@ -61,7 +61,7 @@ def test_chat_stops_on_the_template_stop_token(tiny):
                         stdin=io.StringIO(f"{Q1}\n{Q2}\n\n"), out=out, template="chatml_direct")
     stop = stop_id(tok, "chatml_direct")
     assert stop == tok.piece_to_id("<|im_end|>") and len(turns) == 2
-    first = prompt_ids([(IMAGE + "\n" + Q1, None)], tok, model.image_token_id, "chatml_direct")
+    first = prompt_ids([(IMAGE + "\n" + Q1, None)], tok, model.image_token_id, template="chatml_direct")
     full = first + turns[0] + [stop] + continuation_ids(Q2, tok, "chatml_direct")
     images = pre(tiny / "wide.png")
     fresh = model.generate(torch.tensor([full]), images.tiles, max_new_tokens=10, eos_id=stop, image_sizes=images.sizes)

@@ -43,15 +43,15 @@ def test_mistral_ids_and_mask_equal_the_official_tokenization(toks):
     full, open_first = OFFICIAL["mistral_instruct"]
     ids, labels = conversation_ids(TURNS, tok, "mistral_instruct", -200)
     assert ids == tokenizer_image_token(full, encode)
-    assert prompt_ids([(TURNS[0][0], None)], tok, -200, "mistral_instruct") == tokenizer_image_token(open_first, encode)
+    assert prompt_ids([(TURNS[0][0], None)], tok, -200, template="mistral_instruct") == tokenizer_image_token(open_first, encode)
     supervised = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
     answers = [tok.encode(" A red star. ", prefix=False) + [tok.eos_id], tok.encode(" Red. ", prefix=False) + [tok.eos_id]]
     assert supervised == answers[0] + answers[1]
     assert all(l in (IGNORE_INDEX, i) for i, l in zip(ids, labels))
     # the chat's next turn after the first answer's </s> continues the same ids
-    first = prompt_ids([(TURNS[0][0], None)], tok, -200, "mistral_instruct") + answers[0]
+    first = prompt_ids([(TURNS[0][0], None)], tok, -200, template="mistral_instruct") + answers[0]
     assert first + continuation_ids(TURNS[1][0], tok, "mistral_instruct") == \
-        prompt_ids([TURNS[0], (TURNS[1][0], None)], tok, -200, "mistral_instruct")
+        prompt_ids([TURNS[0], (TURNS[1][0], None)], tok, -200, template="mistral_instruct")
 
 
 def test_chatml_ids_mask_and_stop_token(toks):
@@ -63,9 +63,9 @@ def test_chatml_ids_mask_and_stop_token(toks):
     assert ids.count(-200) == 1
     supervised = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
     assert supervised == tok.encode("A red star.", prefix=False) + [end] + tok.encode("Red.", prefix=False) + [end]
-    first = prompt_ids([(TURNS[0][0], None)], tok, -200, "chatml_direct") + tok.encode("A red star.", prefix=False) + [end]
+    first = prompt_ids([(TURNS[0][0], None)], tok, -200, template="chatml_direct") + tok.encode("A red star.", prefix=False) + [end]
     assert first + continuation_ids(TURNS[1][0], tok, "chatml_direct") == \
-        prompt_ids([TURNS[0], (TURNS[1][0], None)], tok, -200, "chatml_direct")
+        prompt_ids([TURNS[0], (TURNS[1][0], None)], tok, -200, template="chatml_direct")
     with pytest.raises(DataError, match="<|im_end|>"):
         stop_id(load_tokenizer_without_chatml(toks), "chatml_direct")
 
@@ -78,10 +78,10 @@ def load_tokenizer_without_chatml(toks):
 
 def test_llava_v1_says_human(toks):
     tok, encode = toks
-    ids = prompt_ids([(TURNS[0][0], None)], tok, -200, "llava_v1")
+    ids = prompt_ids([(TURNS[0][0], None)], tok, -200, template="llava_v1")
     human = SYSTEM.replace("user", "human")
     assert "human's questions" in human and ids == tokenizer_image_token(f"{human} USER: {TURNS[0][0]} ASSISTANT:", encode)
-    assert ids != prompt_ids([(TURNS[0][0], None)], tok, -200, "vicuna_v1")
+    assert ids != prompt_ids([(TURNS[0][0], None)], tok, -200, template="vicuna_v1")
 
 
 def test_template_for_configs():
