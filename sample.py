@@ -40,8 +40,9 @@ from nanollava.checkpoint import read_json
 from typing import NamedTuple
 
 from nanollava import anyres, lora
-from nanollava.data import (CLIP_MEAN, CLIP_STD, IMAGE, TEMPLATES, DataError, continuation_ids, load_image, open_image,
-                            prompt_ids, stop_id, template_for)
+from nanollava.cli import Parser, checked
+from nanollava.data import (CLIP_MEAN, CLIP_STD, IMAGE, MAX_PIXELS, TEMPLATES, DataError, _open_image, continuation_ids,
+                            load_image, prompt_ids, stop_id, template_for)
 from nanollava.eval import evaluate, read_answers, read_questions, score
 from nanollava.llava import LLaVA
 from nanollava.tokenizer import load_tokenizer
@@ -50,23 +51,6 @@ DEFAULT_MODEL = "out/stage2/model"
 WORLD_MANIFEST = "data/world/manifest.json"
 DEFAULT_PROMPT = "Describe the image."
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, exit 2 (argparse would print the usage block first)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def checked(kind, ok, rule):
-    """An argparse type: kind(text), refused unless ok(value), with the rule in the message (the flag is added)."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
 
 
 parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +130,7 @@ def load(model_dir, vision_tower=None, device="cpu", dtype=torch.float32, adapte
         a = model.config.anyres
 
         def pre(image):
-            img = image if hasattr(image, "size") else open_image(image)
+            img = image if hasattr(image, "size") else _open_image(image, MAX_PIXELS, size)
             return Images(anyres.process_anyres_image(img, a.pinpoints, size, a.hf, tuple(mean), tuple(std)), [img.size])
         return model, tok, pre
     return model, tok, lambda image: load_image(image, size, pad=True, mean=tuple(mean), std=tuple(std))

@@ -19,6 +19,8 @@ Notable:
 - Checkpoints (torch.distributed.checkpoint) are written to a temporary directory and renamed when
   complete; `latest` names the last good one. kill -9 and rerun resumes step for step; SIGTERM saves and exits.
 - What is distributed about the loop (sharding, collectives, checkpoints) is in nanollava/fsdp.py.
+- A user's failure (a flag out of range, a bad manifest, base, dataset row or checkpoint, a full disk, a second
+  run into the same --out) is one sentence, printed once by rank 0 (nanollava/cli.py; README: Reliability).
 """
 import argparse
 import json
@@ -26,7 +28,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -34,44 +35,46 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import kernels
 from nanollava import LLaVA
-from nanollava.data import LLaVADataset, batch_indices, collate
+from nanollava.checkpoint import CheckpointError, read_safetensors, write_safetensors
+from nanollava.cli import Parser, UserError, checked, lock_dir, one_sentence
+from nanollava.data import DataError, LLaVADataset, batch_indices, collate
 from nanollava.fsdp import all_sum, clip_grad_norm, load_checkpoint, save_checkpoint, shard, trim_log
-from nanollava.recipes import RECIPES, Recipe
+from nanollava.recipes import RECIPES, Recipe, read_manifest
 from nanollava.schedule import cosine_lr
-from nanollava.tokenizer import load_tokenizer
+from nanollava.tokenizer import TokenizerError, load_tokenizer
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+POSITIVE = checked(int, lambda n: n > 0, "1 or more")
+parser = Parser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--recipe", default="world", choices=list(RECIPES), help="hyperparameters and data: the offline world or the official LLaVA-1.5 recipe")
 # the recipe's values: each flag given replaces one (recipe_from_args)
 parser.add_argument("--data", help="manifest.json written by prepare.py (default: the recipe's)")
-parser.add_argument("--lr1", type=float, help="stage-1 peak learning rate")
-parser.add_argument("--lr2", type=float, help="stage-2 peak learning rate")
-parser.add_argument("--batch1", type=int, help="stage-1 global batch (kept constant across world sizes by accumulation)")
-parser.add_argument("--batch2", type=int, help="stage-2 global batch")
-parser.add_argument("--epochs1", type=float, help="stage-1 epochs")
-parser.add_argument("--epochs2", type=float, help="stage-2 epochs")
-parser.add_argument("--micro-batch", type=int, help="samples per device per forward, both stages")
-parser.add_argument("--max-len", type=int, help="maximum sequence length, image features included")
+parser.add_argument("--lr1", type=checked(float, lambda x: x >= 0, "0 or more"), help="stage-1 peak learning rate")
+parser.add_argument("--lr2", type=checked(float, lambda x: x >= 0, "0 or more"), help="stage-2 peak learning rate")
+parser.add_argument("--batch1", type=POSITIVE, help="stage-1 global batch (kept constant across world sizes by accumulation)")
+parser.add_argument("--batch2", type=POSITIVE, help="stage-2 global batch")
+parser.add_argument("--epochs1", type=checked(float, lambda x: 0 <= x < math.inf, "0 or more"), help="stage-1 epochs")
+parser.add_argument("--epochs2", type=checked(float, lambda x: 0 <= x < math.inf, "0 or more"), help="stage-2 epochs")
+parser.add_argument("--micro-batch", type=POSITIVE, help="samples per device per forward, both stages")
+parser.add_argument("--max-len", type=POSITIVE, help="maximum sequence length, image features included")
 parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute language-model activations in backward")
 parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, help="stage 2: batches of one modality (LLaVA's group_by_modality_length)")
-parser.add_argument("--warmup-ratio", type=float, help="linear warmup over this fraction of the steps, then cosine to 0 (recipe: 0.03)")
-parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (recipe: 0)")
-parser.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (recipe: 1.0)")
+parser.add_argument("--warmup-ratio", type=checked(float, lambda x: 0 <= x <= 1, "in [0, 1]"), help="linear warmup over this fraction of the steps, then cosine to 0 (recipe: 0.03)")
+parser.add_argument("--weight-decay", type=checked(float, lambda x: x >= 0, "0 or more"), help="AdamW weight decay (recipe: 0)")
+parser.add_argument("--grad-clip", type=checked(float, lambda x: x > 0, "more than 0"), help="clip the global gradient norm to this (recipe: 1.0)")
 # the run: which stages, where, how often to save, how to compute
 parser.add_argument("--stage", default="both", choices=["1", "2", "both"], help="which stage(s) to run; stage 2 starts from stage 1's projector")
 parser.add_argument("--out", default="out", help="output directory: OUT/stage1, OUT/stage2/model, OUT/log.jsonl")
-parser.add_argument("--max-steps", type=int, default=-1, help="stop each stage after this many optimizer steps (-1: the recipe's epochs)")
-parser.add_argument("--save-every", type=int, default=50, help="write a resumable checkpoint every N optimizer steps")
+parser.add_argument("--max-steps", type=checked(int, lambda n: n == -1 or n > 0, "-1 or 1 or more"), default=-1, help="stop each stage after this many optimizer steps (-1: the recipe's epochs)")
+parser.add_argument("--save-every", type=POSITIVE, default=50, help="write a resumable checkpoint every N optimizer steps")
 parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="resume from the latest checkpoint in --out if there is one")
 parser.add_argument("--seed", type=int, default=1337, help="seeds the projector's init and the data order")
 parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="attention and RMSNorm: Triton kernels, PyTorch, or Triton on GPU only")
 parser.add_argument("--compile", action="store_true", help="torch.compile each language-model block")
-parser.add_argument("--workers", type=int, help="data-loading processes per rank (default: 4 on GPU, 0 on CPU)")
+parser.add_argument("--workers", type=checked(int, lambda n: n >= 0, "0 or more"), help="data-loading processes per rank (default: 4 on GPU, 0 on CPU)")
 parser.add_argument("--strict", action="store_true", help="stop at the first bad dataset row instead of skipping it")
 
 
@@ -108,6 +111,7 @@ class Run:
     workers: int         # data-loading processes per rank
     strict: bool         # a bad dataset row stops the run instead of being skipped
     sigterm: bool = False  # set by the SIGTERM handler; the ranks agree on it once per step
+    lock: object = None    # rank 0: the open OUT/.lock, held while the run lives
 
     def path(self, name):
         return self.data_dir / name
@@ -126,9 +130,7 @@ def main(args):
         device = torch.device("cpu")
     kernels.use(args.kernels)
     manifest_path = Path(recipe.data)
-    if not manifest_path.is_file():
-        sys.exit(f"error: {manifest_path} does not exist: run `python prepare.py` first (or pass --data)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     tok = load_tokenizer(manifest_path.parent / manifest["vicuna"])
     tok.add_special_tokens(["<image>", "<pad>"])
     out = Path(args.out)
@@ -137,7 +139,15 @@ def main(args):
               workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 0), strict=args.strict)
     if run.rank == 0:
         print(f"nanollava train: {json.dumps({**vars(args), 'resolved': asdict(recipe), 'world_size': run.world_size, 'device': str(device)})}", flush=True)
-    run.out.mkdir(parents=True, exist_ok=True)
+    # one run per --out: rank 0 holds OUT/.lock until it exits; every rank learns whether it got it
+    failure = None
+    if run.rank == 0:
+        try:
+            run.lock = lock_dir(out, "train.py run")
+        except UserError as e:
+            failure = e
+    if all_sum(float(failure is not None))[0]:
+        raise failure or UserError("rank 0 could not lock --out")  # rank 0 prints it
 
     def on_sigterm(*_):
         run.sigterm = True
@@ -156,8 +166,8 @@ def build(run, stage):
     if stage == 2:
         projector = run.out / "stage1" / "projector.safetensors"
         if not projector.is_file():
-            sys.exit(f"error: stage 2 starts from stage 1's projector, and {projector} does not exist: run --stage 1 first")
-        model.multi_modal_projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in load_file(projector).items()})
+            raise UserError(f"stage 2 starts from stage 1's projector, and {projector} does not exist: run --stage 1 first")
+        model.multi_modal_projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in read_safetensors(projector)})
     assert (run.tok.image_id, run.tok.pad_id) == (model.image_token_id, model.config.pad_token_id), "tokenizer and model disagree on <image>/<pad>"
     model.requires_grad_(False)
     trainable = [model.multi_modal_projector] + ([model.language_model] if stage == 2 else [])
@@ -170,10 +180,10 @@ def build(run, stage):
 def count_steps(run, hp, ds):
     """(micro-batches per rank per step, steps per epoch, steps in the stage) for the global batch hp.batch."""
     if hp.batch % (hp.micro_batch * run.world_size):
-        sys.exit(f"error: global batch {hp.batch} is not a multiple of micro-batch {hp.micro_batch} x {run.world_size} processes")
+        raise UserError(f"global batch {hp.batch} is not a multiple of micro-batch {hp.micro_batch} x {run.world_size} processes")
     accum, per_epoch = hp.batch // (hp.micro_batch * run.world_size), len(ds) // hp.batch
     if per_epoch == 0:
-        sys.exit(f"error: {ds.path} has {len(ds)} usable rows, fewer than one global batch of {hp.batch}")
+        raise UserError(f"{ds.path} has {len(ds)} usable rows, fewer than one global batch of {hp.batch}")
     total = math.ceil(per_epoch * hp.epochs)
     return accum, per_epoch, min(total, run.max_steps) if run.max_steps > 0 else total
 
@@ -232,7 +242,7 @@ def train_stage(run, stage, hp):
             if not math.isfinite(stats.loss):
                 latest = ckpt_dir / "latest"
                 good = ckpt_dir / latest.read_text().strip() if latest.exists() else "none (no checkpoint was saved yet)"
-                sys.exit(f"error: stage {stage} step {step + 1}: the loss is {stats.loss}; stopped. The last good checkpoint is {good}")
+                raise UserError(f"stage {stage} step {step + 1}: the loss is {stats.loss}; stopped. The last good checkpoint is {good}")
             step += 1
             step_s = time.time() - t0
             steps_timed += 1
@@ -334,17 +344,21 @@ def export(stage, model, tok, final, rank):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if stage == 1:
-            save_file({k: v.contiguous() for k, v in full.items() if k.startswith("multi_modal_projector.")}, tmp)
-        else:
-            model.save_pretrained(tmp, state_dict={k: v.float() for k, v in full.items()})
-            tok.save(tmp)
-        os.replace(tmp, final)
+        try:
+            if stage == 1:
+                write_safetensors({k: v.contiguous() for k, v in full.items() if k.startswith("multi_modal_projector.")}, final)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(tmp, state_dict={k: v.float() for k, v in full.items()})
+                tok.save(tmp)
+                os.replace(tmp, final)
+        except OSError as e:
+            raise CheckpointError(f"could not write {e.filename or tmp} ({e.strerror}); the last checkpoint, in "
+                                  f"{final.parent / 'ckpt'}, is intact: rerun to export again") from None
         print(f"stage {stage}: wrote {final}", flush=True)
     dist.barrier()
 
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    main(args)
+    one_sentence(main, args, errors=(CheckpointError, DataError, TokenizerError), peer_errors=(dist.DistError,))

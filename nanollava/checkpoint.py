@@ -11,11 +11,15 @@ failure is one CheckpointError naming the file and the key.
 
 A model trained from scratch is materialised the other way, from its init (`from_scratch`).
 """
+import errno
 import json
+import math
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,10 +40,46 @@ def read_json(path):
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
+def config_values(cls, cfg, where, limits={}):
+    """{field: value} for the fields of dataclass cls that config.json dict cfg sets (None: left to the default),
+    each checked against the field's type (int, float) and range: limits[name] = (low, high), else ints 1..2^20
+    and floats > 0 and finite. A wrong type or range is one CheckpointError naming where and the key."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    out = {}
+    for f in fields(cls):
+        v = cfg.get(f.name)
+        if v is None:
+            continue
+        kind = int if f.type in (int, "int") else float
+        low, high = limits.get(f.name, (1, 2 ** 20) if kind is int else (0, math.inf))
+        ok = type(v) is int if kind is int else type(v) in (int, float) and math.isfinite(v)
+        if not ok or not low <= v <= high or (kind is float and v == low == 0):
+            rule = f"an integer in {low}..{high}" if kind is int else (f"a number in ({low}, {high}]" if math.isfinite(high) else f"a number above {low}")
+            raise CheckpointError(f"{where}: {f.name} must be {rule}, not {v!r}")
+        out[f.name] = kind(v)
+    return out
+
+
 def write_json(obj, path, indent=2):
     """obj as JSON at path, whole or not at all: written to path.tmp, then renamed over path."""
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """{key: tensor} as a safetensors file at path, whole or not at all (path.tmp, then renamed), with the mode
+    the user's umask gives new files (0644 under umask 022), as the JSON files get: safetensors writes 0600."""
+    tmp = Path(f"{path}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(errno.EIO, str(e), str(tmp)) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -81,27 +121,65 @@ def iter_tensors(files):
                 yield f, key, sd.pop(key)
 
 
+ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+
+def check_header(path, header, data_size):
+    """A safetensors header {key: {dtype, shape, data_offsets}} checked before anything is allocated, as the
+    safetensors library checks it: every entry an object with a known dtype, a shape of non-negative ints, offsets
+    inside the data, bytes = numel x itemsize, the tensors contiguous and non-overlapping from byte 0.
+    Returns [(key, dtype, shape, begin, end)] in file order; a bad entry is one CheckpointError naming file and key."""
+    entries = []
+    for key, info in header.items():
+        def bad(why):
+            return CheckpointError(f"{path} is corrupt at tensor {key}: {why}")
+        if not isinstance(info, dict):
+            raise bad("its header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise bad(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}: data_offsets {offsets!r} are not within "
+                                  f"the file's {data_size} data bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+            raise bad(f"shape {shape} in {dtype} is {numel * ITEMSIZE[dtype]} bytes, its data_offsets span {offsets[1] - offsets[0]}")
+        entries.append((key, DTYPES[dtype], shape, *offsets))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    end = 0
+    for key, _, _, begin, stop in entries:
+        if begin != end:
+            raise CheckpointError(f"{path} is corrupt at tensor {key}: it starts at data byte {begin}, not {end} "
+                                  f"({'it overlaps the tensor before' if begin < end else 'a gap before it'})")
+        end = stop
+    return entries
+
+
 def read_safetensors(path):
     """Yields (key, tensor) from a safetensors file, reading each tensor straight into its own memory:
     no mmap, so resident memory while loading is the model plus one tensor, not the model plus the file.
-    Layout: 8-byte little-endian header size, a JSON header {key: {dtype, shape, data_offsets}}, the data."""
+    Layout: 8-byte little-endian header size, a JSON header {key: {dtype, shape, data_offsets}}, the data.
+    The whole header is checked (check_header) before the first tensor is allocated."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little")
         try:
             assert 0 < n <= size - 8
             header = json.loads(f.read(n))
+            assert isinstance(header, dict)
             header.pop("__metadata__", None)
         except (AssertionError, ValueError):
             raise CheckpointError(f"{path} is not a safetensors file (corrupt or truncated header)") from None
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            if info["dtype"] not in DTYPES or 8 + n + end > size:
-                raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}")
-            t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        for key, dtype, shape, begin, end in check_header(path, header, size - 8 - n):
+            t = torch.empty(shape, dtype=dtype)
             buf = t.reshape(-1).view(torch.uint8).numpy()
             f.seek(8 + n + begin)
-            if buf.nbytes != end - begin or f.readinto(buf) != end - begin:
+            if f.readinto(buf) != end - begin:
                 raise CheckpointError(f"{path} is truncated or corrupt at tensor {key}")
             yield key, t
 
@@ -199,8 +277,7 @@ def save_weights(tensors, out_dir, max_shard_bytes=5 * 2**30):
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, out / f"{name}.tmp", metadata={"format": "pt"})
-        os.replace(out / f"{name}.tmp", out / name)
+        write_safetensors(shard, out / name, metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}

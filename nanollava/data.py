@@ -253,14 +253,25 @@ def template_for(config):
 
 # ----------------------------------------------------------------------------- images
 
-def open_image(path, max_pixels=MAX_PIXELS):
+def _check_size(name, w, h, size, pad, max_pixels):
+    """The decompression-bomb limit on every canvas load_image will allocate, checked from the header before
+    any: the file's pixels, the square the padding makes (a 663-byte 200000 x 1 PNG pads to 4e10 pixels) and
+    the resize target (shortest edge -> size, so a thin strip resizes to a huge one)."""
+    side = max(w, h) if pad else None
+    short, long = (side, side) if pad else (min(w, h), max(w, h))
+    need = max(w * h, side * side if pad else 0, size * int(size * long / short) if short else 0)
+    if min(w, h) < 1 or need > max_pixels:
+        raise DataError(f"{name}: {w}x{h}{' padded to a square' if pad else ''} needs {need} pixels, over the {max_pixels} "
+                        f"pixel limit", "bad image")
+
+
+def _open_image(path, max_pixels, size=336, pad=False):
     """Decode a file fully, or raise one DataError that names it (never a PIL traceback)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
             img = Image.open(path)
-        if img.width * img.height > max_pixels:
-            raise DataError(f"{path}: {img.width}x{img.height} is over the {max_pixels} pixel limit", "bad image")
+        _check_size(path, img.width, img.height, size, pad, max_pixels)
         # Image.open reads only the header. Decode now, with truncated files as errors even if another
         # library set PIL's process-wide LOAD_TRUNCATED_IMAGES (which would fill the rest with grey).
         allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -289,7 +300,13 @@ def expand2square(img, fill):
 
 def load_image(image, size=336, pad=True, mean=CLIP_MEAN, std=CLIP_STD, max_pixels=MAX_PIXELS):
     """A path or PIL image -> (3, size, size) float tensor, as LLaVA: RGB, [pad], CLIPImageProcessor."""
-    img = image if isinstance(image, Image.Image) else open_image(image, max_pixels)
+    if isinstance(image, Image.Image):
+        _check_size("the image", image.width, image.height, size, pad, max_pixels)
+    img = image if isinstance(image, Image.Image) else _open_image(image, max_pixels, size, pad)
+    if img.mode.startswith("I"):  # 16-bit grayscale ("I;16", or "I" in older Pillow): convert("RGB") would clip at
+        # 255, making it nearly white (the official code does); scale 0..65535 to 0..255 instead
+        gray = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257
+        img = Image.fromarray(np.rint(gray).astype(np.uint8), "L")
     img = img.convert("RGB")  # grayscale, RGBA (alpha dropped, as the official .convert('RGB')), palette
     if pad:
         img = expand2square(img, tuple(int(x * 255) for x in mean))  # (122, 116, 104)

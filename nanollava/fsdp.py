@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from nanollava.checkpoint import CheckpointError
+
 
 def shard(model, device, compile):
     """FSDP2 over the language model: each block, the embedding (called outside the LM's forward) and the LM's root.
@@ -58,28 +60,45 @@ def clip_grad_norm(groups, max_norm):
     return float(total)
 
 
+def _latest(ckdir):
+    """The checkpoint `latest` names (None when there is none yet)."""
+    latest = ckdir / "latest"
+    return ckdir / latest.read_text().strip() if latest.exists() else None
+
+
 def save_checkpoint(model, opt, ckdir, step, rank):
     """Trainable weights, optimizer state and RNG states into ckdir/step_N, written under a temporary name and
     renamed when every rank is done; then `latest` is replaced atomically. A kill at any moment leaves `latest`
-    naming a complete checkpoint."""
+    naming a complete checkpoint, and a rerun saves over whatever the kill left (tests/test_train.py walks every
+    point). A failed write (a full disk) is a CheckpointError naming the file; `latest` still names the last good one."""
     name = f"step_{step:07d}"
-    tmp = ckdir / f"{name}.tmp"
+    tmp, final = ckdir / f"{name}.tmp", ckdir / name
+    good = _latest(ckdir)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng_{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "world": dist.get_world_size()}))
+            if final.exists():  # a kill after this rename and before `latest` named it: an orphan, not the good one
+                assert final != good, f"{final} is already the latest checkpoint"
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (ckdir / "latest.tmp").write_text(name)
+            os.replace(ckdir / "latest.tmp", ckdir / "latest")
+    except (OSError, dcp.api.CheckpointException) as e:
+        failed = getattr(e, "filename", None) or tmp
+        raise CheckpointError(f"could not write the checkpoint of step {step} ({failed}: {getattr(e, 'strerror', None) or e}); "
+                              f"the last good checkpoint, {good or 'none yet'}, is intact") from None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world": dist.get_world_size()}))
-        os.replace(tmp, ckdir / name)
-        (ckdir / "latest.tmp").write_text(name)
-        os.replace(ckdir / "latest.tmp", ckdir / "latest")
         for old in ckdir.glob("step_*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -87,24 +106,29 @@ def save_checkpoint(model, opt, ckdir, step, rank):
 
 
 def load_checkpoint(model, opt, ckdir, rank):
-    """Restores the latest complete checkpoint; returns its step (0 when there is none)."""
-    latest = ckdir / "latest"
-    if not latest.exists():
-        return 0
-    path = ckdir / latest.read_text().strip()
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights come from the base
-    meta = json.loads((path / "meta.json").read_text())
-    if (path / f"rng_{rank}.pt").exists() and meta["world"] == dist.get_world_size():
-        rng = torch.load(path / f"rng_{rank}.pt", weights_only=True)
+    """Restores the latest complete checkpoint; returns its step (0 when there is none). A `latest` or a checkpoint
+    that cannot be read is a CheckpointError that says --no-resume starts the stage over."""
+    try:
+        path = _latest(ckdir)
+        if path is None:
+            return 0
+        meta = json.loads((path / "meta.json").read_text())
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights come from the base
+        rng = torch.load(path / f"rng_{rank}.pt", weights_only=True) if meta["world"] == dist.get_world_size() else None
+        step = int(meta["step"])
+    except (Exception, dcp.api.CheckpointException) as e:  # a truncated meta.json, a `latest` naming garbage, a DCP file cut short, ...
+        raise CheckpointError(f"the checkpoint in {ckdir} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"pass --no-resume to start this stage over") from None
+    if rng is not None:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return meta["step"]
+    return step
 
 
 def trim_log(path, stage, step, rank):

@@ -11,7 +11,7 @@ is `layers.0.self_attn.q_proj` here). Notable:
   multi-turn chat on one cache work. attention_plan alone decides positions, mask and causality.
 """
 import functools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from nanollava.checkpoint import draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.checkpoint import CheckpointError, config_values, draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
 
 
 @dataclass
@@ -40,12 +40,17 @@ class LlamaConfig:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
 
     @classmethod
-    def from_json(cls, cfg):
+    def from_json(cls, cfg, where="config.json"):
+        """Llama's config.json, every value checked (config_values)."""
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{where} is not a JSON object")
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("rope_scaling") or cfg.get("tie_word_embeddings"):
-            raise ValueError("only Llama with SiLU, plain RoPE and untied embeddings (Vicuna's) is supported")
+            raise CheckpointError(f"{where}: only Llama with SiLU, plain RoPE and untied embeddings (Vicuna's) is supported")
         cfg = dict(cfg)
-        cfg["rope_theta"] = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None})
+        rope = cfg.get("rope_parameters")
+        cfg["rope_theta"] = cfg.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None)
+        return cls(**config_values(cls, cfg, where, {"vocab_size": (1, 2 ** 24),
+                                                     "rms_norm_eps": (0, 1)}))
 
 
 PRESETS = {
@@ -215,7 +220,7 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, ckpt_dir, dtype=torch.float32):
         """Vicuna / Llama as lmsys ships it: fp16 pickled shards with pytorch_model.bin.index.json, or safetensors."""
-        cfg = LlamaConfig.from_json(read_json(Path(ckpt_dir) / "config.json"))
+        cfg = LlamaConfig.from_json(read_json(Path(ckpt_dir) / "config.json"), Path(ckpt_dir) / "config.json")
         with torch.device("meta"):
             model = cls(cfg)
         return load_weights(model, [(weight_files(ckpt_dir), cls.KEYS, llama_unused)], dtype).eval()

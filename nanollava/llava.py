@@ -269,10 +269,13 @@ class LLaVA(nn.Module):
         if layout_of(path, cj) == "llava-hf":
             if cj.get("vision_feature_select_strategy", "default") != "default" or cj.get("projector_hidden_act", "gelu") != "gelu":
                 raise CheckpointError(f"{where}: only LLaVA's patch features and GELU projector are supported")
-            text = text_config(cj.get("text_config", {}), where)
-            vision = replace(ViTConfig.from_json(cj.get("vision_config", {})), feature_layer=cj.get("vision_feature_layer", -2))
+            text = text_config(cj.get("text_config", {}), f"{where} text_config")
+            vision = ViTConfig.from_json({**cj.get("vision_config", {}), "feature_layer": cj.get("vision_feature_layer", -2)},
+                                         f"{where} vision_config")
             image_id = cj.get("image_token_index", cj.get("image_token_id", 32000))
             pad_id = cj.get("pad_token_id", cj.get("text_config", {}).get("pad_token_id", 0)) or 0
+            if type(image_id) is not int or type(pad_id) is not int:
+                raise CheckpointError(f"{where}: image_token_index and pad_token_id must be integers, not {image_id!r}, {pad_id!r}")
             if kind == "llava_next":  # llava-hf lists the official pairs unchanged (transformers reads them as height, width)
                 anyres_cfg = AnyResConfig(anyres.parse_pinpoints(cj.get("image_grid_pinpoints", anyres.PINPOINTS),
                                                                  f"{where}: image_grid_pinpoints"), hf)
@@ -297,8 +300,9 @@ class LLaVA(nn.Module):
             if not tower.is_dir():
                 raise CheckpointError(f"{path} is an official LLaVA-1.5 checkpoint whose vision tower {cj['mm_vision_tower']!r} "
                                       f"is not a local directory: pass vision_tower=DIR (a copy of openai/clip-vit-large-patch14-336)")
-            text = LlamaConfig.from_json(cj)
-            vision = replace(ViTConfig.from_json(read_json(tower / "config.json")), feature_layer=cj.get("mm_vision_select_layer", -2))
+            text = LlamaConfig.from_json(cj, f"{path}/config.json")
+            vision = replace(ViTConfig.from_json(read_json(tower / "config.json"), tower / "config.json"),
+                             feature_layer=cj.get("mm_vision_select_layer", -2))
             image_id, pad_id = IMAGE_TOKEN_INDEX, 0
             # the tower is frozen in LLaVA-1.5, so a copy inside the checkpoint equals CLIP's: dropped, CLIP's is loaded
             drop = lambda k: llama_unused(k) or k.startswith("model.vision_tower.")
@@ -369,10 +373,7 @@ def text_config(cfg, where):
                               f"language model, whose default (10000) would be wrong; add it to the config")
     if cfg.get("head_dim") not in (None, cfg.get("hidden_size", 0) // max(cfg.get("num_attention_heads", 1), 1)):
         raise CheckpointError(f"{where}: head_dim {cfg['head_dim']} is not hidden_size / num_attention_heads")
-    try:
-        text = LlamaConfig.from_json(cfg)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    text = LlamaConfig.from_json(cfg, where)  # every value checked, one error naming the key
     window = cfg.get("sliding_window")
     return replace(text, max_position_embeddings=window) if window and window < text.max_position_embeddings else text
 

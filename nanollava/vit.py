@@ -10,14 +10,14 @@ Parameter names are the checkpoint's own, under `vision_model.` (one rename: the
 - `pre_layrnorm` is spelled that way in the checkpoint.
 - quick_gelu: x * sigmoid(1.702 x), not the erf GELU of the projector.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import kernels
-from nanollava.checkpoint import CheckpointError, draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
+from nanollava.checkpoint import CheckpointError, config_values, draw_default_init, load_weights, read_json, save_weights, unrename, weight_files, write_json
 from nanollava.data import CLIP_MEAN, CLIP_STD  # preprocessing's, so data.py owns them (it never imports the models)
 
 
@@ -38,12 +38,15 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_json(cls, cfg):
-        if cfg.get("model_type") == "clip":  # a full CLIPModel config: the tower's part
-            cfg = cfg.get("vision_config", {})
+    def from_json(cls, cfg, where="config.json"):
+        """CLIP's config.json (a full CLIPModel's or a vision-only one), every value checked (config_values)."""
+        if isinstance(cfg, dict) and cfg.get("model_type") == "clip":  # a full CLIPModel config: the tower's part
+            cfg, where = cfg.get("vision_config", {}), f"{where} vision_config"
+        values = config_values(cls, cfg, where, {"num_channels": (1, 4), "feature_layer": (-64, 64), "layer_norm_eps": (0, 1),
+                                                 "image_size": (1, 2 ** 14)})
         if cfg.get("hidden_act", "quick_gelu") != "quick_gelu":
-            raise CheckpointError(f"vision tower hidden_act {cfg['hidden_act']!r} is not CLIP's quick_gelu")
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+            raise CheckpointError(f"{where}: vision tower hidden_act {cfg['hidden_act']!r} is not CLIP's quick_gelu")
+        return cls(**values)
 
 
 PRESETS = {
@@ -163,7 +166,7 @@ class ViT(nn.Module):
     def from_pretrained(cls, ckpt_dir, dtype=torch.float32):
         """A CLIP checkpoint as openai/clip-vit-large-patch14-336 ships it (full CLIPModel, text tower
         dropped) or a vision-only one (CLIPVisionModel)."""
-        cfg = ViTConfig.from_json(read_json(Path(ckpt_dir) / "config.json"))
+        cfg = ViTConfig.from_json(read_json(Path(ckpt_dir) / "config.json"), Path(ckpt_dir) / "config.json")
         with torch.device("meta"):
             model = cls(cfg)
         return load_weights(model, [(weight_files(ckpt_dir), cls.KEYS, clip_unused)], dtype).eval()

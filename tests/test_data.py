@@ -432,3 +432,35 @@ def test_group_by_modality_length():
         totals = [sum(lengths[step[k:k + b]]) for k in range(0, g, b)]
         assert max(totals) - min(totals) <= max(lengths[step]), totals
     assert order != epoch_order(n, 0, 1, g, b, True, lengths, has_image)
+
+
+def test_the_pixel_limit_checks_the_padded_square_and_the_resize_target_first(tmp_path):
+    Image.new("L", (2000, 1)).save(tmp_path / "strip.png")  # 2000 pixels in the file
+    for pad, need in ((True, 2000 * 2000), (False, 32 * 32 * 2000)):  # the square; the resize of the short edge to 32
+        with pytest.raises(DataError, match=f"strip.png: 2000x1.* needs {need} pixels, over the 1000000 pixel limit"):
+            load_image(tmp_path / "strip.png", size=32, pad=pad, max_pixels=10 ** 6)
+        with pytest.raises(DataError, match="pixel limit"):
+            load_image(Image.open(tmp_path / "strip.png"), size=32, pad=pad, max_pixels=10 ** 6)
+    assert load_image(tmp_path / "strip.png", size=32, max_pixels=5 * 10 ** 6).shape == (3, 32, 32)
+
+
+def test_a_decompression_bomb_by_padding_is_refused_cheaply(tmp_path):
+    Image.new("L", (200000, 1)).save(tmp_path / "thin.png")  # a few hundred bytes; padded, 4e10 pixels (120 GB RGB)
+    assert (tmp_path / "thin.png").stat().st_size < 2000
+    import resource
+    import time
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    with pytest.raises(DataError, match="thin.png: 200000x1 padded to a square needs 40000000000 pixels"):
+        load_image(tmp_path / "thin.png")
+    assert time.time() - t0 < 5 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path):
+    """nanollava differs from the official code here: convert('RGB') clips 16-bit values at 255 (nearly white)."""
+    ramp = (np.arange(64 * 64, dtype=np.float64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    Image.fromarray(np.rint(ramp / 257).astype(np.uint8), "L").save(tmp_path / "eight.png")
+    got, want = load_image(tmp_path / "deep.png", size=32), load_image(tmp_path / "eight.png", size=32)
+    assert (got - want).abs().max() < 1e-6, f"max difference {(got - want).abs().max()}"
+    assert got.mean() < load_image(Image.new("L", (64, 64), 255), size=32).mean() - 0.5  # not nearly white
