@@ -8,6 +8,7 @@ and the ratio printed: a stage-2 training step, greedy decoding, and loading a c
     python bench.py decode --model out/stage2/model --repeats 9
     python bench.py load --model out/stage2/model             # from_pretrained to a ready model, both sides
     python bench.py decode --model llava-1.5-7b-hf --device cuda   # on a GPU
+    python bench.py decode --next                             # LLaVA-1.6: a tiny llava_next checkpoint, a 2 x 2 tile image
     python bench.py serve --model out/stage2/model --threads 1  # the server: 8 clients at once vs one at a time
 
 The two sides alternate inside each repeat, so a change in machine load hits both alike; medians (train: means)
@@ -32,6 +33,8 @@ import torch
 from PIL import Image
 
 import kernels
+from nanollava import anyres
+from nanollava.anyres import AnyResConfig
 from nanollava.checkpoint import read_json
 from nanollava.data import DataError, IMAGE, LLaVADataset, collate, prompt_ids
 from nanollava.llava import LLaVA, LLaVAConfig, expand_image_tokens
@@ -50,6 +53,7 @@ parser.add_argument("--model", help="decode, load: a llava-hf layout checkpoint 
 parser.add_argument("--data", default=RECIPES["world"].data, help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data); serve: its eval images, if it is there")
 parser.add_argument("--steps", type=int, default=20, help="train: timed steps after 2 warm-up steps")
 parser.add_argument("--micro-batch", type=int, default=16, help="train: rows in the batch")
+parser.add_argument("--next", action="store_true", help="decode, load without --model: a tiny LLaVA-1.6 (AnyRes, llava_next) checkpoint, against LlavaNextForConditionalGeneration")
 parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per generation (eos ignored by both); serve: at most this many per answer")
 parser.add_argument("--repeats", type=int, default=None, help="decode, load, serve: timed repeats after a warm-up (default 5; serve 3)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
@@ -58,12 +62,12 @@ parser.add_argument("--threads", type=int, default=None, help="CPU threads for t
 parser.add_argument("--seed", type=int, default=1337, help="train: seeds the projector's init")
 
 
-def transformers_llava():
+def transformers_llava(model_type="llava"):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()
-    return LlavaForConditionalGeneration
+    return LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
 
 
 def synced(device):
@@ -72,20 +76,22 @@ def synced(device):
     return time.perf_counter()
 
 
-def tiny_checkpoint(out_dir, width=128, layers=2):
+def tiny_checkpoint(out_dir, width=128, layers=2, llava_next=False):
     """A random checkpoint (llava-hf layout) of the default world's model size, as prepare.py and train.py build it:
     LLM hidden 128 (heads of 32, MLP 8/3 x), 2 layers, vocabulary 1024 + <image> + <pad> padded to 1088; tower
-    hidden 128, 3 layers, 72 px images in 24 px patches (9 image tokens)."""
+    hidden 128, 3 layers, 72 px images in 24 px patches (9 image tokens). llava_next=True: LLaVA-1.6's AnyRes over
+    the released pinpoints scaled to 72 px tiles."""
     torch.manual_seed(0)
     vision = ViTConfig(image_size=72, patch_size=24, hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
     text = LlamaConfig(vocab_size=1088, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
                        num_hidden_layers=layers, num_attention_heads=width // 32, max_position_embeddings=2048)
-    LLaVA(LLaVAConfig(vision, text, image_token_id=1024, pad_token_id=1025)).save_pretrained(out_dir)
+    tiles = AnyResConfig(tuple((a * 72 // 336, b * 72 // 336) for a, b in anyres.PINPOINTS)) if llava_next else None
+    LLaVA(LLaVAConfig(vision, text, image_token_id=1024, pad_token_id=1025, anyres=tiles)).save_pretrained(out_dir)
     return out_dir
 
 
 def checked_llava_hf(model_dir):
-    if read_json(Path(model_dir) / "config.json").get("model_type") != "llava":
+    if read_json(Path(model_dir) / "config.json").get("model_type") not in ("llava", "llava_next"):
         raise DataError(f"{model_dir}: the benchmark needs a llava-hf layout checkpoint (transformers cannot read the official one)")
 
 
@@ -143,8 +149,9 @@ def bench_decode(model_dir, device, dtype, n_new, repeats):
     n_new tokens each (eos ignored): time to first token (image, prefill and one token, timed as a 1-token
     generation) and decode tokens/s ((n_new - 1) / (time(n_new) - time(1))), medians of repeats."""
     checked_llava_hf(model_dir)
-    ours = LLaVA.from_pretrained(model_dir, dtype=dtype).to(device)
-    theirs = transformers_llava().from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    ours = LLaVA.from_pretrained(model_dir, dtype=dtype, conventions="transformers").to(device)
+    kind = read_json(Path(model_dir) / "config.json")["model_type"]
+    theirs = transformers_llava(kind).from_pretrained(model_dir, dtype=dtype).to(device).eval()
     cfg, img = ours.config, ours.image_token_id
     g = torch.Generator().manual_seed(0)
     if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
@@ -153,11 +160,19 @@ def bench_decode(model_dir, device, dtype, n_new, repeats):
         ids = [1] + torch.randint(3, img, (35,), generator=g).tolist() + [img] + torch.randint(3, img, (12,), generator=g).tolist()
     S, P = cfg.vision.image_size, cfg.vision.num_patches
     pixels = torch.randn(1, 3, S, S, generator=g).to(device=device, dtype=dtype)
+    hf_pixels, ours_kw, hf_kw = pixels, {}, {}
+    if cfg.anyres is not None:  # an image of 2 x 2 tiles (at 336-px tiles, 640 x 480: 2340 image tokens)
+        size = (S * 40 // 21, S * 10 // 7)
+        P = anyres.num_tokens(size, cfg.anyres.pinpoints, S, S // cfg.vision.patch_size, hf=True)
+        n = anyres.num_tiles(size, cfg.anyres.pinpoints, S, hf=True)
+        pixels = torch.randn(n, 3, S, S, generator=g).to(device=device, dtype=dtype)
+        hf_pixels = pixels[None]  # transformers' LlavaNext: (N, tiles, 3, S, S), image_sizes (height, width)
+        ours_kw, hf_kw = {"image_sizes": [size]}, {"image_sizes": torch.tensor([[size[1], size[0]]], device=device)}
     ids = torch.tensor([ids], device=device)
     hf_ids = expand_image_tokens(ids, img, P).input_ids  # llava-hf repeats <image> P times
-    runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1),
-            "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=torch.ones_like(hf_ids),
-                                                      max_new_tokens=n, min_new_tokens=n, do_sample=False)[:, hf_ids.shape[1]:]}
+    runs = {"nanollava": lambda n: ours.generate(ids, pixels, max_new_tokens=n, eos_id=-1, **ours_kw),
+            "transformers": lambda n: theirs.generate(input_ids=hf_ids, pixel_values=hf_pixels, attention_mask=torch.ones_like(hf_ids),
+                                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, **hf_kw)[:, hf_ids.shape[1]:]}
 
     def timed(fn, n):
         t = synced(device)
@@ -192,7 +207,7 @@ def bench_load(model_dir, device, dtype, repeats):
     """from_pretrained of each side, from the checkpoint's files to a model ready on the device, medians of repeats
     after a warm-up (the warm-up fills the page cache, so both read from memory)."""
     checked_llava_hf(model_dir)
-    LlavaForConditionalGeneration = transformers_llava()
+    LlavaForConditionalGeneration = transformers_llava(read_json(Path(model_dir) / "config.json")["model_type"])
     runs = {"nanollava": lambda: LLaVA.from_pretrained(model_dir, dtype=dtype).to(device),
             "transformers": lambda: LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()}
     for fn in runs.values():
@@ -331,7 +346,7 @@ def main(argv=None):
         if args.what == "serve":
             return bench_serve(args.model or SERVE_MODEL, args.data, args.device, dtype, args.tokens, args.repeats)
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = args.model or tiny_checkpoint(tmp)
+            model_dir = args.model or tiny_checkpoint(tmp, llava_next=args.next)
             if args.what == "decode":
                 return bench_decode(model_dir, args.device, dtype, args.tokens, args.repeats)
             return bench_load(model_dir, args.device, dtype, args.repeats)

@@ -1,10 +1,12 @@
 """
-Ask a LLaVA-1.5 model about images: one answer, a batch, a chat, or an evaluation.
+Ask a LLaVA-1.5 or 1.6 model about images: one answer, a batch, a chat, or an evaluation.
 
 Reads any directory LLaVA.from_pretrained reads: nanollava's own (train.py writes out/stage2/model), llava-hf's,
 or the official liuhaotian layout (with --vision-tower DIR when its CLIP tower is not a local directory). The
 prompt is built as the official LLaVA-1.5 builds it (vicuna_v1 template, tokenizer_image_token chunking, image
 padded to a square with the CLIP mean), so greedy decoding of an official checkpoint gives the official tokens.
+LLaVA-1.6 (AnyRes) models get their tiles (nanollava/anyres.py) and the template their config implies
+(llava_v1, mistral_instruct, chatml_direct, which stops on <|im_end|>); --template NAME overrides it.
 stdout carries only the answers (for --eval the metric lines); the rest goes to stderr. The question files, the
 official scorers and the evaluation loop are nanollava/eval.py; the speed against transformers, and the server's
 with eight clients at once, is bench.py.
@@ -35,9 +37,12 @@ import torch
 
 import kernels
 from nanollava.checkpoint import read_json
+from typing import NamedTuple
+
+from nanollava import anyres, lora
 from nanollava.cli import Parser, checked
-from nanollava.data import CLIP_MEAN, CLIP_STD, IMAGE, DataError, continuation_ids, load_image, prompt_ids
-from nanollava import lora
+from nanollava.data import (CLIP_MEAN, CLIP_STD, IMAGE, MAX_PIXELS, TEMPLATES, DataError, _open_image, continuation_ids,
+                            load_image, prompt_ids, stop_id, template_for)
 from nanollava.eval import evaluate, read_answers, read_questions, score
 from nanollava.llava import LLaVA
 from nanollava.tokenizer import load_tokenizer
@@ -50,7 +55,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None, help=f"model directory (default {DEFAULT_MODEL}, train.py's stage-2 output); nanollava's, llava-hf's or official LLaVA-1.5's layout")
-parser.add_argument("--vision-tower", default=None, help="CLIP directory for an official LLaVA-1.5 checkpoint whose mm_vision_tower is not local")
+parser.add_argument("--vision-tower", default=None, help="CLIP directory for an official LLaVA-1.5 checkpoint whose mm_vision_tower is not local (1.6: only its config is read)")
+parser.add_argument("--template", default=None, choices=TEMPLATES[1:], help="chat template (default: the one the checkpoint's config implies: vicuna_v1 for 1.5, llava_v1, mistral_instruct or chatml_direct for 1.6)")
 parser.add_argument("--adapter", default=None, help="LoRA adapter directory in PEFT's format (nanollava's or one PEFT wrote for --model), merged at load")
 parser.add_argument("--image", action="append", default=[], help="image file; repeat for a batch")
 parser.add_argument("--prompt", action="append", default=[], help=f"question (default {DEFAULT_PROMPT!r}); repeat for a batch")
@@ -80,9 +86,34 @@ def log(*args):
 
 # ----------------------------------------------------------------------------- model, prompts, generation
 
+class Images(NamedTuple):
+    """An AnyRes model's images: every image's tiles, concatenated (sum of 1 + rows*cols, 3, S, S), and each
+    image's (width, height). LLaVA-1.5's are a plain (N, 3, S, S) tensor."""
+    tiles: torch.Tensor
+    sizes: list
+
+
+def image_args(pixels):
+    """generate's keyword arguments for a batch's images (None, a tensor, or Images)."""
+    if isinstance(pixels, Images):
+        return {"pixel_values": pixels.tiles, "image_sizes": pixels.sizes}
+    return {"pixel_values": pixels}
+
+
+def image_positions(model, pixels):
+    """The positions an image takes in the sequence beyond its placeholder (the longest, for AnyRes)."""
+    if pixels is None:
+        return 0
+    if isinstance(pixels, Images):
+        a, v = model.config.anyres, model.config.vision
+        return max(anyres.num_tokens(s, a.pinpoints, v.image_size, v.image_size // v.patch_size, a.hf) for s in pixels.sizes) - 1
+    return model.config.vision.num_patches - 1
+
+
 def load(model_dir, vision_tower=None, device="cpu", dtype=torch.float32, adapter=None):
     """The model (with a LoRA adapter merged in), its tokenizer, and its image preprocessing: size from the vision
-    config, mean and std from preprocessor_config.json (beside the model, else the tower) or CLIP's, square padding."""
+    config, mean and std from preprocessor_config.json (beside the model, else the tower) or CLIP's, square padding
+    (LLaVA-1.5) or AnyRes tiles (1.6: pre returns Images)."""
     model = LLaVA.from_pretrained(model_dir, vision_tower, dtype)
     model = (lora.unload(lora.load_adapter(model, adapter)) if adapter else model).to(device)
     tok = load_tokenizer(model_dir)
@@ -95,15 +126,24 @@ def load(model_dir, vision_tower=None, device="cpu", dtype=torch.float32, adapte
             stats = read_json(Path(d) / "preprocessor_config.json")
             break
     size, mean, std = model.config.vision.image_size, stats.get("image_mean", CLIP_MEAN), stats.get("image_std", CLIP_STD)
+    if model.config.anyres is not None:
+        a = model.config.anyres
+
+        def pre(image):
+            img = image if hasattr(image, "size") else _open_image(image, MAX_PIXELS, size)
+            return Images(anyres.process_anyres_image(img, a.pinpoints, size, a.hf, tuple(mean), tuple(std)), [img.size])
+        return model, tok, pre
     return model, tok, lambda image: load_image(image, size, pad=True, mean=tuple(mean), std=tuple(std))
 
 
-def encode(model, tok, pre, items):
+def encode(model, tok, pre, items, template="vicuna_v1"):
     """[(image or None, question)] -> left-padded input_ids (B, T), attention_mask (B, T), pixel_values (N, 3, S, S)
     or None. Each row is the vicuna_v1 prompt with the image first in the question, as the official eval scripts."""
-    rows = [prompt_ids([(q if image is None else IMAGE + "\n" + q, None)], tok, model.image_token_id) for image, q in items]
+    rows = [prompt_ids([(q if image is None else IMAGE + "\n" + q, None)], tok, model.image_token_id,
+                       template=template) for image, q in items]
     T = max(map(len, rows))
-    longest = max(len(r) + (model.config.vision.num_patches - 1) * (image is not None) for r, (image, _) in zip(rows, items))
+    pixels = [pre(image) if image is not None else None for image, _ in items]
+    longest = max(len(r) + image_positions(model, px) for r, px in zip(rows, pixels))
     if longest >= model.config.text.max_position_embeddings:  # checked here too so that it fails before any output
         raise ValueError(f"the prompt is {longest} tokens with its image features; the context holds "
                          f"{model.config.text.max_position_embeddings}")
@@ -111,8 +151,10 @@ def encode(model, tok, pre, items):
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
-    pixels = [pre(image) for image, _ in items if image is not None]
+    pixels = [px for px in pixels if px is not None]
     dev = model.language_model.lm_head.weight.device
+    if pixels and isinstance(pixels[0], Images):
+        return ids.to(dev), mask.to(dev), Images(torch.cat([p.tiles for p in pixels]).to(dev), [p.sizes[0] for p in pixels])
     return ids.to(dev), mask.to(dev), torch.stack(pixels).to(dev) if pixels else None
 
 
@@ -147,11 +189,12 @@ class Stream:
     """Prints an answer as it grows: decodes all of it so far and prints the new suffix, so multi-byte characters
     split over byte pieces print whole (a trailing U+FFFD may still be completed, so it waits)."""
 
-    def __init__(self, tok, out=None):
+    def __init__(self, tok, out=None, stop=None):
         self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+        self.stop = tok.eos_id if stop is None else stop
 
     def __call__(self, token):  # on_token: (1,) ids
-        if int(token[0]) != self.tok.eos_id:
+        if int(token[0]) != self.stop:
             self.ids.append(int(token[0]))
             self._show(self.tok.decode(self.ids).rstrip("\ufffd"))
 
@@ -178,31 +221,35 @@ def pair(images, prompts):
     raise DataError(f"{len(images)} --image and {len(prompts)} --prompt: give as many of each, or one of either")
 
 
-def respond(model, tok, batch, max_new_tokens=512, temperature=0.0, top_p=1.0, stream=False):
-    """Answers to an encoded batch as lists of ids (eos dropped); streamed to stdout if asked (one row)."""
+def respond(model, tok, batch, max_new_tokens=512, temperature=0.0, top_p=1.0, stream=False, template="vicuna_v1"):
+    """Answers to an encoded batch as lists of ids (the stop token dropped); streamed to stdout if asked (one row)."""
     ids, mask, pixels = batch
-    printer = Stream(tok) if stream else None
+    stop = stop_id(tok, template)
+    printer = Stream(tok, stop=stop) if stream else None
     clock = Clock(printer)
-    out = model.generate(ids, pixels, mask, max_new_tokens, temperature, top_p, eos_id=tok.eos_id, on_token=clock)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         eos_id=stop, on_token=clock, **image_args(pixels))
     if printer:
         printer.finish()
-    clock.report(ids.shape[1] + (0 if pixels is None else model.config.vision.num_patches - 1), ids.shape[0])
-    return [until_eos(row, tok.eos_id) for row in out]
+    clock.report(ids.shape[1] + image_positions(model, pixels), ids.shape[0])
+    return [until_eos(row, stop) for row in out]
 
 
-def answer(model, tok, pre, items, max_new_tokens=512, temperature=0.0, top_p=1.0, stream=False):
-    """Answers to [(image or None, question)] as lists of ids (eos dropped), in one batch."""
-    return respond(model, tok, encode(model, tok, pre, items), max_new_tokens, temperature, top_p, stream)
+def answer(model, tok, pre, items, max_new_tokens=512, temperature=0.0, top_p=1.0, stream=False, template="vicuna_v1"):
+    """Answers to [(image or None, question)] as lists of ids (the stop token dropped), in one batch."""
+    return respond(model, tok, encode(model, tok, pre, items, template), max_new_tokens, temperature, top_p, stream, template)
 
 
-def chat(model, tok, pixels=None, first=None, max_new_tokens=512, temperature=0.2, top_p=1.0, stdin=None, out=None):
+def chat(model, tok, pixels=None, first=None, max_new_tokens=512, temperature=0.2, top_p=1.0, stdin=None, out=None,
+         template="vicuna_v1"):
     """A conversation on one KV cache at the model's context size, as the official CLI but without re-encoding
     each turn: the image (pixels (1, 3, S, S) or None) and the system prompt go in the first turn; each later turn
     feeds the </s> that closed the previous answer (after its last token, if it stopped without one) and
     "USER: {q} ASSISTANT:". Returns every turn's answer ids."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     cache = model.new_cache(1, model.config.text.max_position_embeddings)
-    pixels = None if pixels is None else pixels.to(cache.k[0].device)
+    dev, stop = cache.k[0].device, stop_id(tok, template)
+    pixels = None if pixels is None else Images(pixels.tiles.to(dev), pixels.sizes) if isinstance(pixels, Images) else pixels.to(dev)
     turns, feed, q = [], None, first
     while True:
         if q is None:
@@ -215,21 +262,21 @@ def chat(model, tok, pixels=None, first=None, max_new_tokens=512, temperature=0.
         else:
             log(f"USER: {q}")
         if feed is None:
-            ids = prompt_ids([(q if pixels is None else IMAGE + "\n" + q, None)], tok, model.image_token_id)
+            ids = prompt_ids([(q if pixels is None else IMAGE + "\n" + q, None)], tok, model.image_token_id, template=template)
         else:
-            ids = feed + continuation_ids(q, tok)
+            ids = feed + continuation_ids(q, tok, template)
         sys.stderr.write("ASSISTANT: ")
         sys.stderr.flush()
-        context = cache.len + len(ids) + (model.config.vision.num_patches - 1 if pixels is not None and feed is None else 0)
-        printer = Stream(tok, out)
+        context = cache.len + len(ids) + (image_positions(model, pixels) if feed is None else 0)
+        printer = Stream(tok, out, stop)
         clock = Clock(printer)
-        new = model.generate(torch.tensor([ids], device=cache.k[0].device), pixels if feed is None else None,
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_id=tok.eos_id,
-                             cache=cache, on_token=clock)[0].tolist()
+        new = model.generate(torch.tensor([ids], device=dev), max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, eos_id=stop, cache=cache, on_token=clock,
+                             **image_args(pixels if feed is None else None))[0].tolist()
         printer.finish()
         clock.report(context)
-        turns.append(until_eos(new, tok.eos_id))
-        feed = [tok.eos_id] if new[-1] == tok.eos_id else [new[-1], tok.eos_id]  # the last token is not cached yet
+        turns.append(until_eos(new, stop))
+        feed = [stop] if new[-1] == stop else [new[-1], stop]  # the last token is not cached yet
         q = None
 
 
@@ -269,12 +316,14 @@ def run(args):
         model_id = "/".join(Path(model_dir).resolve().parts[-2:])
     t0 = time.perf_counter()
     model, tok, pre = load(model_dir, args.vision_tower, device, dtype, args.adapter)
+    template = args.template or template_for(read_json(Path(model_dir) / "config.json"))
     seconds = time.perf_counter() - t0
 
     def header():  # printed once the inputs are known to be good, so that bad input gives one line only
         sampling = "greedy" if args.eval is not None or args.temperature == 0 else \
             f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}"
-        log(f"sample.py: model {model_dir}, device {device}, {str(dtype).removeprefix('torch.')}, kernels {args.kernels}, {sampling}")
+        log(f"sample.py: model {model_dir}, device {device}, {str(dtype).removeprefix('torch.')}, kernels {args.kernels}, "
+            f"{sampling}, template {template}" + (", AnyRes" if model.config.anyres is not None else ""))
         log(f"loaded in {seconds:.1f} s: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{model.config.vision.image_size} px images, {model.config.vision.num_patches} image tokens, "
             f"context {model.config.text.max_position_embeddings}")
@@ -284,9 +333,10 @@ def run(args):
         max_new = 128 if args.max_new_tokens is None else args.max_new_tokens  # the official eval scripts' 128
 
         def greedy(items):  # one left-padded batch of [(image path or None, question)] -> answer texts
-            ids, mask, pixels = encode(model, tok, pre, items)
-            out = model.generate(ids, pixels, mask, max_new, temperature=0.0, eos_id=tok.eos_id)
-            return [tok.decode(until_eos(row, tok.eos_id)).strip() for row in out]
+            ids, mask, pixels = encode(model, tok, pre, items, template)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, temperature=0.0, eos_id=stop_id(tok, template),
+                                 **image_args(pixels))
+            return [tok.decode(until_eos(row, stop_id(tok, template))).strip() for row in out]
 
         return score(evaluate(greedy, questions, root, answers_path, model_id, args.batch_size))
     if args.serve:
@@ -298,14 +348,17 @@ def run(args):
     if args.chat:
         if len(args.image) > 1 or len(args.prompt) > 1:
             raise DataError("--chat takes at most one --image and one --prompt (the first question)")
-        pixels = pre(args.image[0])[None] if args.image else None
+        pixels = pre(args.image[0]) if args.image else None
+        pixels = pixels[None] if torch.is_tensor(pixels) else pixels
         header()
-        return chat(model, tok, pixels, (args.prompt or [None])[0], max_new, args.temperature, args.top_p)
+        return chat(model, tok, pixels, (args.prompt or [None])[0], max_new, args.temperature, args.top_p, template=template)
     items = pair(args.image, args.prompt)
-    batch = encode(model, tok, pre, items)
+    batch = encode(model, tok, pre, items, template)
     header()
-    answers = respond(model, tok, batch, max_new, args.temperature, args.top_p, stream=len(items) == 1)
+    answers = respond(model, tok, batch, max_new, args.temperature, args.top_p, stream=len(items) == 1, template=template)
     if args.attention:
+        if model.config.anyres is not None:
+            raise DataError("--attention maps one 336-px tile's patches: LLaVA-1.5 models only, not AnyRes")
         from nanollava.attention_map import image_attention, overlay, patch_grid
         ids, _, pixels = batch
         grid = patch_grid(image_attention(model, ids[0], pixels, answers[0]), model.config.vision)

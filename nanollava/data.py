@@ -34,7 +34,12 @@ IMAGE = "<image>"  # the placeholder in dataset text; in ids it becomes image_to
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-TEMPLATES = ("plain", "vicuna_v1")
+# llava_v1: the inference template of the official CLI for Vicuna models (1.5 and 1.6); it says "human" where
+# vicuna_v1 (what `--version v1` trains with) says "user", and is otherwise the same
+SYSTEM_LLAVA_V1 = SYSTEM.replace("user", "human")
+CHATML_SYSTEM = "Answer the questions."  # chatml_direct's (LLaVA-1.6-34B)
+TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "mistral_instruct", "chatml_direct")
+NEXT_TEMPLATES = ("mistral_instruct", "chatml_direct")  # LLaVA-1.6's own (next_segments)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS: a bigger image is a decompression bomb
@@ -125,38 +130,125 @@ def _vicuna(pairs, tok, image_token_id, system=SYSTEM):
     return ids, labels
 
 
-def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM):
-    """A training row -> (ids, labels): lists of ints, labels IGNORE_INDEX where the loss is masked.
-    system="" leaves vicuna_v1's system prompt out (prepare.py pretrains the world's LLM on such chats)."""
-    pairs, has_image = _prepare(conversations, template)
-    if template == "vicuna_v1":
+def special_id(tok, piece):
+    """The id of a special piece the template needs (ChatML's markers are vocabulary tokens of Yi's tokenizer)."""
+    i = tok.piece_to_id(piece)
+    if i == tok.unk_id:
+        raise DataError(f"the tokenizer has no {piece} token, which the chatml_direct template needs")
+    return i
+
+
+def stop_id(tok, template):
+    """The token that ends an answer: <|im_end|> for chatml_direct (LLaVA-1.6-34B), </s> otherwise."""
+    return special_id(tok, "<|im_end|>") if template == "chatml_direct" else tok.eos_id
+
+
+def next_segments(pairs, has_image, template, first=True):
+    """LLaVA-1.6's other two templates (official conversation.py, REFERENCE-NEXT A10) as segments
+    (text | "<image>" | special piece, supervised, dummy prefix):
+      mistral_instruct: <s>[INST] <image>\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST]   loss on " {a} " and </s>
+      chatml_direct:    <|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n{q1}<|im_end|>
+                        <|im_start|>assistant\n{a1}<|im_end|><|im_start|>user\n...      loss on "{a}" and <|im_end|>
+    A chunk right after <image> gets a dummy prefix (tokenizer_image_token encodes each chunk alone); text after
+    </s> or a ChatML marker gets none. first=False: a later turn, as it follows the previous stop token."""
+    segs = []
+    for k, (q, a) in enumerate(pairs):
+        img = k == 0 and has_image and first
+        body = q[len(IMAGE):] if img else q
+        if template == "mistral_instruct":
+            segs += [("[INST] ", False, k == 0 and first), (IMAGE, False, False), (body + " [/INST]", False, True)] if img \
+                else [("[INST] " + body + " [/INST]", False, k == 0 and first)]
+            if a is not None:
+                segs += [(" " + a + " ", True, False), ("</s>", True, False)]
+        else:  # chatml_direct
+            if k == 0 and first:
+                segs += [("<|im_start|>", False, False), ("system\n" + CHATML_SYSTEM, False, False), ("<|im_end|>", False, False)]
+            segs += [("<|im_start|>", False, False), ("user\n", False, False)] + ([(IMAGE, False, False)] if img else []) \
+                + [(body, False, img), ("<|im_end|>", False, False), ("<|im_start|>", False, False), ("assistant\n", False, False)]
+            if a is not None:
+                segs += [(a, True, False), ("<|im_end|>", True, False)]
+    return segs
+
+
+def template_text(segs):
+    """The prompt as one string (the form REFERENCE-NEXT A10 quotes)."""
+    return "".join(text for text, _, _ in segs)
+
+
+def _build_next(segs, tok, image_token_id, bos=True):
+    ids, labels = ([tok.bos_id], [IGNORE_INDEX]) if bos else ([], [])
+    for text, supervised, prefix in segs:
+        new = [image_token_id] if text == IMAGE else [tok.eos_id] if text == "</s>" else \
+            [special_id(tok, text)] if text.startswith("<|im_") else tok.encode(text, prefix=prefix)
+        ids.extend(new)
+        labels.extend(new if supervised else [IGNORE_INDEX] * len(new))
+    return ids, labels
+
+
+def _ids(pairs, has_image, tok, template, image_token_id, system):
+    """(ids, labels) of checked pairs in any template."""
+    if template in NEXT_TEMPLATES:  # BOS: Mistral's tokenizer adds one, Yi's does not
+        return _build_next(next_segments(pairs, has_image, template), tok, image_token_id, template == "mistral_instruct")
+    if template in ("vicuna_v1", "llava_v1"):
+        if template == "llava_v1" and system == SYSTEM:  # the default system sentence, in llava_v1's words
+            system = SYSTEM_LLAVA_V1
         return _vicuna(pairs, tok, image_token_id, system)
     # plain: official tokenizer_image_token encodes each chunk around <image> on its own, dummy prefix included.
     caption = tok.encode(pairs[0][1] + "\n")
     return [tok.bos_id, image_token_id] + caption, [IGNORE_INDEX, IGNORE_INDEX] + caption
 
 
-def prompt_ids(turns, tok, image_token_id, system=SYSTEM):
-    """vicuna_v1 prompt ending in "ASSISTANT:" for generation, as the official inference code builds it
-    (model_vqa_loader, the CLI): every message verbatim, whitespace kept, so "<image>\nWhat does the sign say?  "
-    ends in "say?   ASSISTANT:" and a question that is only "<image>" is followed by " ASSISTANT:".
-    turns: [(question, answer), ..., (question, None)] or LLaVA turns ending with a human one. "<image>" marks
-    the image: at most once, in the first question, where the caller puts it (the official loaders put
-    "<image>\n" in front of the question). system="" leaves the system prompt out."""
+def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM):
+    """A training row -> (ids, labels): lists of ints, labels IGNORE_INDEX where the loss is masked.
+    system="" leaves vicuna_v1's system prompt out (prepare.py pretrains the world's LLM on such chats)."""
+    pairs, has_image = _prepare(conversations, template)
+    return _ids(pairs, has_image, tok, template, image_token_id, system)
+
+
+def prompt_ids(turns, tok, image_token_id, system=SYSTEM, template="vicuna_v1"):
+    """The prompt for generation, ending where the answer starts ("ASSISTANT:", "[/INST]", "assistant\n"), as the
+    official inference code builds it (model_vqa_loader, the CLI): every message verbatim, whitespace kept, so
+    "<image>\nWhat does the sign say?  " ends in "say?   ASSISTANT:" and a question that is only "<image>" is
+    followed by " ASSISTANT:". turns: [(question, answer), ..., (question, None)] or LLaVA turns ending with a
+    human one. "<image>" marks the image: at most once, in the first question, where the caller puts it (the
+    official loaders put "<image>\n" in front of the question; mistral_instruct and chatml_direct need it there).
+    system="" leaves vicuna_v1's and llava_v1's system prompt out."""
+    if template not in TEMPLATES[1:]:
+        raise ValueError(f"unknown template {template!r} for a prompt, expected one of {TEMPLATES[1:]}")
     pairs = _pairs(turns, open_end=True)
     if pairs[0][0].count(IMAGE) > 1 or any(IMAGE in q for q, _ in pairs[1:]):
         raise DataError(f"{IMAGE} can only be in the first question, once")
     if any(not q for q, _ in pairs) or any(a == "" for _, a in pairs):
         # The official get_prompt() writes an empty message as "USER:" with no separator: never trained on.
         raise DataError("an empty question or answer", "empty text")
-    return _vicuna(pairs, tok, image_token_id, system)[0]
+    has_image = IMAGE in pairs[0][0]
+    if has_image and template in NEXT_TEMPLATES and not pairs[0][0].startswith(IMAGE):
+        raise DataError(f"{template} needs {IMAGE} at the start of the first question")
+    return _ids(pairs, has_image, tok, template, image_token_id, system)[0]
 
 
-def continuation_ids(question, tok):
-    """The next turn as it follows a generated </s>: feed [tok.eos_id] + these when keeping the KV cache."""
+def continuation_ids(question, tok, template="vicuna_v1"):
+    """The next turn as it follows a generated stop token: feed [stop_id(tok, template)] + these when keeping
+    the KV cache."""
     if IMAGE in question:
         raise DataError(f"{IMAGE} can only be in the first question")
+    if template in NEXT_TEMPLATES:
+        return _build_next(next_segments([(question, None)], False, template, first=False), tok, 0, bos=False)[0]
     return tok.encode_after_special("USER: " + question + " ASSISTANT:")
+
+
+def template_for(config):
+    """The chat template a checkpoint's config.json implies (the official CLI guesses it from the directory's
+    name instead): Mistral -> mistral_instruct, Yi's 64000-token vocabulary (34B) -> chatml_direct, another
+    LLaVA-1.6 -> llava_v1, LLaVA-1.5 and nanollava's own -> vicuna_v1 (what they were trained with)."""
+    text = config.get("text_config", config)
+    if "mistral" in str(text.get("model_type", "")) or "mistral" in str(config.get("model_type", "")):
+        return "mistral_instruct"
+    if text.get("vocab_size") in (64000, 64064):
+        return "chatml_direct"
+    if config.get("model_type") == "llava_next" or config.get("image_aspect_ratio") == "anyres":
+        return "llava_v1"
+    return "vicuna_v1"
 
 
 # ----------------------------------------------------------------------------- images

@@ -56,6 +56,11 @@ class LlamaConfig:
 PRESETS = {
     "vicuna-7b": LlamaConfig(),
     "vicuna-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    # LLaVA-1.6's other two language models (REFERENCE-NEXT A9): the same block, grouped-query attention
+    "mistral-7b-instruct-v0.2": LlamaConfig(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=32768,
+                                            rope_theta=1e6),
+    "nous-hermes-2-yi-34b": LlamaConfig(vocab_size=64000, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
+                                        num_attention_heads=56, num_key_value_heads=8, rope_theta=5e6),
     # the offline world's stand-in, as prepare.py's defaults build it (its own 1024-piece tokenizer; 384 = 8/3 x 128
     # rounded up to a multiple of 64)
     "world": LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,

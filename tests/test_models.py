@@ -110,7 +110,7 @@ def test_llava_hf_both_layouts_and_save_roundtrip(tmp_path):
 
 def test_official_layout_matches_official_computation(tmp_path):
     """liuhaotian layout: Vicuna's keys + model.mm_projector.{0,2}, the CLIP tower in its own directory, config.json
-    with the released keys (model_type "llava", no text_config); LLaVA-1.0's and 1.6's are refused by name."""
+    with the released keys (model_type "llava", no text_config); LLaVA-1.0's is refused by name."""
     hf, _ = hf_llava(tmp_path)
     clip = tmp_path / "clip"
     hf.model.vision_tower.save_pretrained(clip)
@@ -121,7 +121,8 @@ def test_official_layout_matches_official_computation(tmp_path):
     for i, lin in ((0, hf.model.multi_modal_projector.linear_1), (2, hf.model.multi_modal_projector.linear_2)):
         sd[f"model.mm_projector.{i}.weight"], sd[f"model.mm_projector.{i}.bias"] = lin.weight, lin.bias
     torch.save({k: v.detach().half() for k, v in sd.items()}, off / "pytorch_model.bin")  # fp16 pickles, as shipped
-    for version, refused in (("1.0", "mm_projector_type is 'linear'"), ("1.6", "image_aspect_ratio is 'anyres'")):
+    # LLaVA-1.6 loads (tests/test_anyres.py); these 1.5 weights under its config lack the newline and the tuned tower
+    for version, refused in (("1.0", "mm_projector_type is 'linear'"), ("1.6", "no tensor for model.image_newline")):
         (off / "config.json").write_text(json.dumps(released_config(version, TEXT, 64)))
         with pytest.raises(CheckpointError, match=refused):
             LLaVA.from_pretrained(off, vision_tower=clip)
