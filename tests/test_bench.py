@@ -9,7 +9,7 @@ from conftest import ROOT
 
 def test_bench_prints_both_sides_and_the_ratio(tiny_world):
     runs = {"train": ["--data", tiny_world, "--steps", 1, "--micro-batch", 4],
-            "decode": ["--tokens", 4, "--repeats", 1],
+            "decode": ["--tokens", 16, "--repeats", 3],
             "load": ["--repeats", 1]}
     procs = {what: subprocess.Popen([sys.executable, "bench.py", what, *map(str, args), "--threads", "1"], cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for what, args in runs.items()}
