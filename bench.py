@@ -36,7 +36,8 @@ import kernels
 from nanollava import anyres
 from nanollava.anyres import AnyResConfig
 from nanollava.checkpoint import read_json
-from nanollava.data import DataError, IMAGE, LLaVADataset, collate, prompt_ids
+from nanollava.data import LLaVADataset, collate
+from nanollava.templates import DataError, IMAGE, prompt_ids
 from nanollava.llava import LLaVA, LLaVAConfig, expand_image_tokens
 from nanollava.llama import LlamaConfig
 from nanollava.recipes import RECIPES

@@ -41,8 +41,8 @@ from typing import NamedTuple
 
 from nanollava import anyres, lora
 from nanollava.cli import Parser, checked
-from nanollava.data import (CLIP_MEAN, CLIP_STD, IMAGE, MAX_PIXELS, TEMPLATES, DataError, _open_image, continuation_ids,
-                            load_image, prompt_ids, stop_id, template_for)
+from nanollava.data import CLIP_MEAN, CLIP_STD, MAX_PIXELS, _open_image, load_image
+from nanollava.templates import IMAGE, TEMPLATES, DataError, continuation_ids, prompt_ids, stop_id, template_for
 from nanollava.eval import evaluate, read_answers, read_questions, score
 from nanollava.llava import LLaVA
 from nanollava.tokenizer import load_tokenizer

@@ -42,7 +42,8 @@ import kernels
 from nanollava import LLaVA
 from nanollava.checkpoint import CheckpointError, read_safetensors, write_safetensors
 from nanollava.cli import Parser, UserError, checked, lock_dir, one_sentence
-from nanollava.data import DataError, LLaVADataset, batch_indices, collate
+from nanollava.data import LLaVADataset, batch_indices, collate
+from nanollava.templates import DataError
 from nanollava.flops import peak_flops, step_flops
 from nanollava.fsdp import (all_sum, check_shared_out, clip_grad_norm, ignore_sigterm, init_group, load_checkpoint, reduce_sum,
                             save_checkpoint, shard, trim_log)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageChops
 
-from nanollava.data import CLIP_MEAN, IMAGE, expand2square, prompt_ids
+from nanollava.data import CLIP_MEAN, expand2square
+from nanollava.templates import IMAGE, prompt_ids
 from nanollava.llama import apply_rope, rope
 
 LAYERS = -1  # the map is the last layer's: it finds the cell asked about most often (README); "mean" averages all

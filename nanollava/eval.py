@@ -20,7 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from nanollava.data import DataError, read_rows
+from nanollava.data import read_rows
+from nanollava.templates import DataError
 
 LETTERS = ("A", "B", "C", "D", "E")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from nanollava.data import IMAGE, SYSTEM, DataError, prompt_ids
+from nanollava.templates import IMAGE, SYSTEM, DataError, prompt_ids
 
 DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(.*)", re.S)
 FORMATS = {"PNG", "JPEG", "WEBP"}

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from nanollava import world as W
 from nanollava.checkpoint import from_scratch
-from nanollava.data import IGNORE_INDEX, IMAGE, SYSTEM, collate, conversation_ids, load_image
+from nanollava.data import collate, load_image
+from nanollava.templates import IGNORE_INDEX, IMAGE, SYSTEM, conversation_ids
 from nanollava.llama import Llama, LlamaConfig
 from nanollava.schedule import cosine_lr
 from nanollava.tokenizer import train_tokenizer

@@ -12,7 +12,7 @@ Notable features:
   LlamaTokenizer does, in one of `TURN_BOUNDARIES`: "release" (transformers 4.31, what LLaVA-1.5 was trained
   with: `...</s>USER:` is "US" "ER" ":"), "4.37" ("USER" ":") or "legacy" ("▁US" "ER" ":").
 - text is always literal: "</s>" or "<image>" in a string are characters, never special ids. The prompt
-  code in data.py places the special ids itself.
+  code in templates.py places the special ids itself.
 - `decode` follows sentencepiece's rules (control tokens vanish, one leading "▁" is dropped, <unk> is " ⁇ ",
   each byte of a broken UTF-8 sequence becomes U+FFFD).
 - `train_tokenizer` trains a small tokenizer with the same conventions (ids 0, 1, 2 = <unk>, <s>, </s>;

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nanollava.data import SHORT_ANSWER
+from nanollava.templates import SHORT_ANSWER
 
 SHORT = "\n" + SHORT_ANSWER  # as the official VQA rows append it
 

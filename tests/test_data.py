@@ -1,4 +1,4 @@
-"""nanollava.data: prompt ids against the official LLaVA procedure, images against CLIPImageProcessor, the
+"""nanollava.data and nanollava.templates: prompt ids against the official LLaVA procedure, images against CLIPImageProcessor, the
 dataset's bad-row handling, collate, and the batch plan."""
 import functools
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from nanollava.data import (CLIP_MEAN, IGNORE_INDEX, SHORT_ANSWER, SYSTEM, DataError, LLaVADataset, batch_indices,
-                            collate, continuation_ids, conversation_ids, epoch_order, expand2square, load_image,
-                            prompt_ids)
+from nanollava.data import CLIP_MEAN, LLaVADataset, batch_indices, collate, epoch_order, expand2square, load_image
+from nanollava.templates import (IGNORE_INDEX, SHORT_ANSWER, SYSTEM, DataError, continuation_ids, conversation_ids,
+                                 prompt_ids)
 from nanollava.tokenizer import load_tokenizer, train_tokenizer
 from oracles import hf_llama_tokenizer, tokenizer_image_token
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 import nanollava.eval as ev
-from nanollava.data import DataError, read_rows
+from nanollava.data import read_rows
+from nanollava.templates import DataError
 from conftest import FIXTURES
 
 GOLDENS = FIXTURES / "official" / "goldens.json"

@@ -20,7 +20,7 @@ import sample
 from conftest import ROOT
 from nanollava import lora
 from nanollava.checkpoint import CheckpointError
-from nanollava.data import SYSTEM
+from nanollava.templates import SYSTEM
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.tokenizer import train_tokenizer

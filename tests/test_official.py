@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import FIXTURES
 from test_data import _spans  # contiguous supervised runs of ids
-from nanollava.data import IGNORE_INDEX, IMAGE, DataError, LLaVADataset, conversation_ids, prompt_ids
+from nanollava.data import LLaVADataset
+from nanollava.templates import IGNORE_INDEX, IMAGE, DataError, conversation_ids, prompt_ids
 from nanollava.tokenizer import load_tokenizer
 
 GOLDENS = FIXTURES / "official" / "goldens.json"
@@ -148,7 +149,7 @@ def test_text_after_a_special_token_equals_transformers(mode):
     cases = json.loads(AFTER_SPECIAL.read_text(encoding="utf-8"))[mode]["ids"]
     assert len(cases) >= 19
     for text, want in cases.items():
-        parts = re.split("(<s>|</s>)", text)  # the special tokens are placed as ids, as data.py places </s>
+        parts = re.split("(<s>|</s>)", text)  # the special tokens are placed as ids, as templates.py places </s>
         ids = [tok.bos_id] + tok.encode(parts[0])
         for special, chunk in zip(parts[1::2], parts[2::2]):
             ids += [tok.piece_to_id(special)] + tok.encode_after_special(chunk)

@@ -20,7 +20,8 @@ import torch
 
 import prepare
 from nanollava import download
-from nanollava.data import IMAGE, SHORT_ANSWER, LLaVADataset
+from nanollava.data import LLaVADataset
+from nanollava.templates import IMAGE, SHORT_ANSWER
 from nanollava.llama import Llama
 from nanollava.tokenizer import load_tokenizer
 from nanollava.vit import ViT

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import sample
-from nanollava.data import IMAGE, SYSTEM, continuation_ids, prompt_ids, read_rows
+from nanollava.data import read_rows
+from nanollava.templates import IMAGE, SYSTEM, continuation_ids, prompt_ids
 from nanollava.eval import normalize_answer
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig

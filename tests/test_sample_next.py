@@ -12,7 +12,7 @@ from PIL import Image
 
 import sample
 from nanollava.anyres import PINPOINTS, AnyResConfig
-from nanollava.data import IMAGE, SYSTEM, continuation_ids, prompt_ids, stop_id
+from nanollava.templates import IMAGE, SYSTEM, continuation_ids, prompt_ids, stop_id
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.tokenizer import train_tokenizer

@@ -24,7 +24,8 @@ from PIL import Image
 
 import sample
 from nanollava.attention_map import image_attention, overlay, patch_grid
-from nanollava.data import IMAGE, SYSTEM, expand2square, prompt_ids
+from nanollava.data import expand2square
+from nanollava.templates import IMAGE, SYSTEM, prompt_ids
 from nanollava.llama import LlamaConfig
 from nanollava.llava import LLaVA, LLaVAConfig
 from nanollava.serve import Limits, create_app

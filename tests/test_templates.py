@@ -3,8 +3,8 @@ conversation.py renders (REFERENCE-NEXT A10), their ids against the official tok
 strings, and their loss masks (exactly each answer and its stop token)."""
 import pytest
 
-from nanollava.data import (IGNORE_INDEX, IMAGE, SYSTEM, DataError, continuation_ids, conversation_ids, next_segments,
-                            prompt_ids, stop_id, template_for, template_text)
+from nanollava.templates import (IGNORE_INDEX, IMAGE, SYSTEM, DataError, continuation_ids, conversation_ids,
+                                 next_segments, prompt_ids, stop_id, template_for, template_text)
 from nanollava.tokenizer import load_tokenizer
 from oracles import hf_llama_tokenizer, tokenizer_image_token
 
