@@ -17,6 +17,11 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (torchrun, a browser, the kernel compiler); "
+                            "CI runs them, `-m 'not slow'` skips them locally")
+
+
 @pytest.fixture
 def sp_model_path():
     """The real Llama-2 / Vicuna tokenizer.model, or a skip naming why it is missing."""

@@ -5,6 +5,10 @@ import re
 import sys
 
 from conftest import run
+import pytest
+
+
+pytestmark = pytest.mark.slow  # the quick start end to end
 
 
 def test_quick_start_end_to_end(tiny_world, trained):

@@ -388,6 +388,7 @@ def compile_report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # compiles every kernel for two GPUs
 def test_compile_report_covers_every_kernel(compile_report):
     from kernels.report import ARCHS, NORM_WIDTHS, SHAPES
     seen = {(r["arch"], r["shape"], r["kernel"], r["config"]) for r in compile_report}
@@ -403,12 +404,14 @@ def test_compile_report_covers_every_kernel(compile_report):
                 {"rmsnorm_fwd", "rmsnorm_bwd"}
 
 
+@pytest.mark.slow  # compiles every kernel for two GPUs
 def test_compile_report_no_spills_and_fits_an_sm(compile_report):
     for r in compile_report:
         assert r["spill"] == 0, f"{r['arch']} {r['shape']} {r['kernel']} ({r['config']}) spills {r['spill']} bytes"
         assert r["blocks"] >= 1, f"{r} does not fit one SM"
 
 
+@pytest.mark.slow  # compiles every kernel for two GPUs
 def test_compile_report_no_duplicated_matmul_work(compile_report):
     """Tensor-core multiply-adds issued per tile, from the SASS instruction shapes and counts (HGMMA m x n x k
     once per warp group, HMMA.16816 = m16n8k16 once per warp), equal what the tile's matmuls need."""

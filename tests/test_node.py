@@ -15,6 +15,9 @@ from conftest import ROOT, run
 from node_worker import register_like_nccl
 
 
+pytestmark = pytest.mark.slow  # two processes under torchrun
+
+
 def test_like_nccl_refuses_host_tensors():
     """The stand-in is faithful: a group with the accelerator's backend alone (torch 2.13's default on a GPU) refuses
     a CPU tensor with NCCL's error, which is how every GPU run used to crash at its first step."""

@@ -342,6 +342,7 @@ def browser(tmp_path_factory):
     drv.quit()
 
 
+@pytest.mark.slow  # a real Chromium
 def test_the_page_in_a_real_browser(server, tiny, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -15,6 +15,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from conftest import ROOT, SMALL, run
 
 
+pytestmark = pytest.mark.slow  # whole training runs under torchrun
+
+
 def train(world, out, *extra):
     return run([sys.executable, "train.py", "--data", world, "--out", out, *SMALL, *extra])
 

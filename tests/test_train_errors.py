@@ -12,6 +12,9 @@ import pytest
 from conftest import ROOT, SMALL, run
 
 
+pytestmark = pytest.mark.slow  # training runs that fail on purpose
+
+
 def train(*args, check=True):
     cmd = [sys.executable, "train.py", *map(str, args)]
     return run(cmd) if check else subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
