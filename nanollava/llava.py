@@ -236,13 +236,7 @@ class LLaVA(nn.Module):
         """What stage 1 starts from: a CLIP tower, a Vicuna, and a freshly initialised projector.
         Like llava-hf, the vocabulary gains <image> and <pad> (ids V and V + 1), padded to a multiple of 64."""
         vit, llm = ViT.from_pretrained(clip_dir, dtype), Llama.from_pretrained(llm_dir, dtype)
-        V = llm.config.vocab_size
-        V2 = -(-(V + 2) // 64) * 64
-        for m in (llm.embed_tokens, llm.lm_head):  # new rows start at the mean of the old ones
-            w = m.weight.detach()
-            m.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(V2 - V, -1)]))
-        llm.embed_tokens.num_embeddings = llm.lm_head.out_features = V2
-        llm.config = replace(llm.config, vocab_size=V2)
+        V = add_image_tokens(llm)
         with torch.device("meta"):
             model = cls(LLaVAConfig(vit.config, llm.config, image_token_id=V, pad_token_id=V + 1))
         model.vision_tower, model.language_model = vit, llm
@@ -270,6 +264,19 @@ class LLaVA(nn.Module):
                     "multimodal_projector_bias": True, "tie_word_embeddings": False, "image_aspect_ratio": "pad",
                     "dtype": str(self.language_model.lm_head.weight.dtype).removeprefix("torch."),
                     "vision_config": vision, "text_config": text}, Path(out_dir) / "config.json")
+
+
+def add_image_tokens(llm):
+    """Gives a Llama llava-hf's <image> and <pad> rows (ids V and V + 1, the vocabulary padded to a multiple of 64),
+    in place; the new rows start at the mean of the old ones. Returns V."""
+    V = llm.config.vocab_size
+    V2 = -(-(V + 2) // 64) * 64
+    for m in (llm.embed_tokens, llm.lm_head):
+        w = m.weight.detach()
+        m.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(V2 - V, -1)]))
+    llm.embed_tokens.num_embeddings = llm.lm_head.out_features = V2
+    llm.config = replace(llm.config, vocab_size=V2)
+    return V
 
 
 def splice_index(is_image, P, left):
