@@ -15,6 +15,9 @@ official scorers and the evaluation loop are nanollava/eval.py; the speed agains
     python sample.py --eval                                            # the world's held-out questions, scored
     python sample.py --eval questions.jsonl --image-root DIR --answers answers.jsonl
     python sample.py --score answers.jsonl                             # re-score an answers file, no model
+    python sample.py --serve [--host 127.0.0.1 --port 8000]            # OpenAI-compatible API and chat page
+    python sample.py --serve --bench --threads 1                       # eight clients at once vs one at a time
+    python sample.py --image x.jpg --attention out.png                 # where the answer looked, as a heatmap
     python sample.py --model llava-v1.5-7b --vision-tower clip-vit-large-patch14-336 --image x.jpg   # on a GPU
 
 Several images and prompts: N of each go pairwise; one image goes with every prompt and one prompt with every
@@ -81,6 +84,11 @@ parser.add_argument("--image-root", default=None, help="--eval: the directory th
 parser.add_argument("--answers", default=None, help="--eval: the answers file to write, LLaVA's format (default out/eval/<questions>-answers.jsonl)")
 parser.add_argument("--batch-size", type=checked(int, lambda n: n > 0, "1 or more"), default=16, help="--eval: questions per left-padded batch")
 parser.add_argument("--score", default=None, metavar="ANSWERS", help="score an answers file that holds the reference answers (as --eval writes it); needs no model")
+parser.add_argument("--serve", action="store_true", help="serve the model: OpenAI-compatible /v1/chat/completions and a chat page at / (nanollava/serve.py)")
+parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (default loopback only)")
+parser.add_argument("--port", type=checked(int, lambda n: 0 < n < 65536, "from 1 to 65535"), default=8000, help="--serve: the port")
+parser.add_argument("--bench", action="store_true", help="with --serve: eight clients at once against the same requests one at a time (--max-new-tokens each, default 64; 3 repeats)")
+parser.add_argument("--attention", default=None, metavar="PNG", help="with one --image: write it with a heatmap of the attention the answer gives to each image patch (nanollava/attention_map.py)")
 
 
 def log(*args):
@@ -258,8 +266,12 @@ def run(args):
     model_dir = args.model or DEFAULT_MODEL
     if not Path(model_dir).is_dir():
         raise DataError(f"no model directory {model_dir}" + (": train one (train.py) or pass --model DIR" if args.model is None else ""))
-    if args.eval is None and not args.chat and not args.image and not args.prompt:
-        raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score")
+    if args.bench and not args.serve:
+        raise DataError("--bench goes with --serve here; the other benchmarks are bench.py's")
+    if args.eval is None and not args.chat and not args.image and not args.prompt and not args.serve:
+        raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --serve")
+    if args.attention and (len(args.image) != 1 or len(args.prompt) > 1 or args.chat or args.eval is not None):
+        raise DataError("--attention needs exactly one --image and at most one --prompt")
     if args.eval is not None:  # the question file is checked whole before the model loads
         questions_path, root = args.eval, args.image_root
         if not questions_path:
@@ -294,6 +306,13 @@ def run(args):
             return [tok.decode(until_eos(row, tok.eos_id)).strip() for row in out]
 
         return score(evaluate(greedy, questions, root, answers_path, model_id, args.batch_size))
+    if args.serve:
+        from nanollava import serve
+        name = "/".join(Path(model_dir).resolve().parts[-2:])
+        header()
+        if args.bench:
+            return serve.bench(model, tok, pre, name, WORLD_MANIFEST, args.max_new_tokens or 64)
+        return serve.serve(model, tok, pre, name, args.host, args.port)
     max_new = 512 if args.max_new_tokens is None else args.max_new_tokens  # the official CLI's 512
     if args.chat:
         if len(args.image) > 1 or len(args.prompt) > 1:
@@ -305,6 +324,11 @@ def run(args):
     batch = encode(model, tok, pre, items)
     header()
     answers = respond(model, tok, batch, max_new, args.temperature, args.top_p, stream=len(items) == 1)
+    if args.attention:
+        from nanollava.attention_map import image_attention, overlay, patch_grid
+        ids, _, pixels = batch
+        grid = patch_grid(image_attention(model, ids[0], pixels, answers[0]), model.config.vision)
+        log(f"attention over the {grid.numel()} image patches written to {overlay(args.image[0], grid.cpu(), args.attention)}")
     if len(items) > 1:
         for (image, q), ids in zip(items, answers):
             log(f"--- {image or '(no image)'}: {q}")

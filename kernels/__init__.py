@@ -6,15 +6,22 @@ The models call only `attention(...)` and `norm(...)`, which pick the Triton ker
 PyTorch by the rule below. Scripts choose with `kernels.use("triton" | "torch" | "auto")`:
 "auto" runs Triton on CUDA tensors and PyTorch on the CPU; "triton" runs Triton
 everywhere (on the CPU only under TRITON_INTERPRET=1, as the tests do); "torch" never.
-If triton fails to import, "auto" quietly uses PyTorch and `use("triton")` raises.
+If triton fails to import, "auto" uses PyTorch (with one warning where a CUDA GPU is
+present, since the kernels were expected there) and `use("triton")` raises.
 
 The FlashAttention-2 kernels live in `kernels/flash.py`, RMSNorm's in `kernels/rmsnorm.py`.
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-from .flash import HAS_TRITON, attention_ref, flash_attention
-from .rmsnorm import rms_norm, rms_norm_ref
+from .flash import HAS_TRITON, TRITON_ERROR, attention_ref, flash_attention, supports
+from .rmsnorm import MAX_N, rms_norm, rms_norm_ref
+
+if not HAS_TRITON and torch.cuda.is_available():
+    warnings.warn(f"kernels: triton failed to import ({TRITON_ERROR}); attention() and norm() use PyTorch "
+                  "on this CUDA machine", stacklevel=2)
 
 BACKEND = "auto"  # "auto" | "triton" | "torch"
 BACKENDS = ("auto", "triton", "torch")
@@ -34,6 +41,15 @@ def _triton(x):
     return HAS_TRITON and (BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda))
 
 
+def _flash_serves(q, k, v):
+    """The fallback rules: inputs the Triton attention kernel leaves to SDPA. fp32 on CUDA
+    (the kernel's exact-fp32 path has no tensor-core instructions and spills), and what
+    flash_attention does not support (head dims other than 16, 32, 64, 128; B * H > 65535)."""
+    if q.is_cuda and q.dtype == torch.float32:
+        return False
+    return supports(q, k, v) is None
+
+
 def attention(q, k, v, mask=None):
     """Scaled dot-product attention, (B, H, Tq, D), (B, H, Tk, D) -> (B, H, Tq, D), scale 1/sqrt(D).
 
@@ -51,7 +67,7 @@ def attention(q, k, v, mask=None):
     if causal and (mask != "causal" or q.shape[-2] != k.shape[-2]):
         raise ValueError(f"attention mask {mask!r} with {q.shape[-2]} queries and {k.shape[-2]} keys: "
                          "the only string is 'causal', for as many queries as keys")
-    if _triton(q) and not torch.is_tensor(mask) and q.shape[-2] == k.shape[-2]:
+    if _triton(q) and not torch.is_tensor(mask) and q.shape[-2] == k.shape[-2] and _flash_serves(q, k, v):
         return flash_attention(q, k, v, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
 
@@ -60,7 +76,7 @@ def norm(x, weight, eps):
     """LlamaRMSNorm over the last dim: Triton's rms_norm when the backend allows it, else PyTorch: in fp32
     its fused F.rms_norm (the same math in one op, which matters when decoding one token), else rms_norm_ref,
     whose casts round as transformers' do."""
-    if _triton(x):
+    if _triton(x) and x.shape[-1] <= MAX_N:  # wider rows do not fit the kernel's registers
         return rms_norm(x, weight, eps)
     if x.dtype == weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)

@@ -1,13 +1,17 @@
 """
 Benchmark the Triton kernels against PyTorch on one GPU, and check their bf16 accuracy there.
 
-    python -m kernels.bench                      # everything, about a minute on an H100
+    python -m kernels.bench                      # everything, a few minutes on an H100
     python -m kernels.bench --only attention     # or --only rmsnorm
 
-Attention, bf16: TFLOP/s of flash_attention and of F.scaled_dot_product_attention held to
-its flash backend, forward and forward+backward, at the CLIP ViT-L/14-336 shape (B=32,
-H=16, T=577, D=64, non-causal) and the Vicuna-7B shape (B=4, H=32, T=2048, D=128, causal).
-FLOPs: 4 B H T^2 D forward, half of it when causal; the backward 2.5x the forward.
+Attention, bf16: TFLOP/s of flash_attention (both backwards: the deterministic default and
+the five-matmul atomic one) against F.scaled_dot_product_attention held to each of two
+backends, flash (FlashAttention-2) and cuDNN (the faster one on Hopper), forward and
+forward+backward, at the CLIP ViT-L/14-336 shape (B=32, H=16, T=577, D=64, non-causal) and
+the Vicuna-7B shape (B=4, H=32, T=2048, D=128, causal). Each line prints both sides and
+the ratio (ours / theirs, above 1 = we beat it); a backend this PyTorch or GPU lacks is
+reported as such. FLOPs: 4 B H T^2 D forward, half of it when causal; the backward 2.5x
+the forward. The first call of each shape also times the autotuning candidates (warm-up).
 
 RMSNorm, bf16, 8192 rows of 4096 and of 5120: GB/s of rms_norm and of eager rms_norm_ref,
 both counted by the bytes that must move: read x, write out (forward); then read x and
@@ -70,33 +74,57 @@ def timed(fn, args):
 def report(label, unit, amount, ms_kernel, ms_torch, torch_name):
     """amount: TFLOP or GB per call; prints it per second for each side and their ratio."""
     ours, theirs = amount / (ms_kernel * 1e-3), amount / (ms_torch * 1e-3)
-    print(f"  {label:<8} triton {ours:8.1f} {unit}   {torch_name} {theirs:8.1f} {unit}   ratio {ours / theirs:5.2f}")
+    verdict = "beats" if ours > theirs else "behind"
+    print(f"  {label:<18} triton {ours:8.1f} {unit}   {torch_name:<10} {theirs:8.1f} {unit}   ratio {ours / theirs:5.2f}"
+          f"  ({verdict} {torch_name})")
+
+
+def sdpa(backend, causal):
+    """F.scaled_dot_product_attention held to one backend (which raises where it cannot run the inputs)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return fn
 
 
 def bench_attention(args):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from kernels import attention_ref, flash_attention
+    from kernels.flash import _arch, candidates
     ok = True
     for name, B, H, T, D, causal in ATTENTION_SHAPES:
         print(f"attention {name}: B={B} H={H} T={T} D={D} {'causal' if causal else 'non-causal'}, bf16")
         q, k, v, dout = (torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE) for _ in range(4))
-        ours = lambda q, k, v: flash_attention(q, k, v, causal)
-
-        def theirs(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
+        ours = {"det": lambda q, k, v: flash_attention(q, k, v, causal),
+                "atomic": lambda q, k, v: flash_attention(q, k, v, causal, deterministic=False)}
+        theirs = {}
+        for label, backend in [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)]:
+            try:  # a backend this build or GPU lacks raises here: report it and go on
+                sdpa(backend, causal)(q, k, v)
+                theirs[label] = sdpa(backend, causal)
+            except RuntimeError as e:
+                print(f"  {label}: not available here ({str(e).splitlines()[0][:100]})")
+        if not candidates("dkdv_atomic", D, DTYPE, _arch(q)):
+            print("  atomic: no config fits this GPU at this head dim; it runs the deterministic backward")
         if not args.no_check:
-            ok &= check(name, ["out", "dq", "dk", "dv"], ours, lambda q, k, v: attention_ref(q, k, v, causal),
-                        [q, k, v], dout)
+            ref = lambda q, k, v: attention_ref(q, k, v, causal)
+            for variant, fn in ours.items():
+                ok &= check(f"{name} {variant}", ["out", "dq", "dk", "dv"], fn, ref, [q, k, v], dout)
         flops = 4 * B * H * T * T * D / (2 if causal else 1)
         with torch.no_grad():
-            ms = [timed(lambda: fn(q, k, v), args) for fn in (ours, theirs)]
-        report("fwd", "TFLOP/s", flops / 1e12, *ms, "sdpa-flash")
+            ms_ours = timed(lambda: ours["det"](q, k, v), args)
+            for label, fn in theirs.items():
+                report("fwd", "TFLOP/s", flops / 1e12, ms_ours, timed(lambda: fn(q, k, v), args), label)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
-        ms = [timed(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), args) for fn in (ours, theirs)]
-        report("fwd+bwd", "TFLOP/s", 3.5 * flops / 1e12, *ms, "sdpa-flash")
+        fwd_bwd = lambda fn: timed(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), args)
+        ms_ours = {variant: fwd_bwd(fn) for variant, fn in ours.items()}
+        for label, fn in theirs.items():
+            ms_theirs = fwd_bwd(fn)
+            for variant, ms in ms_ours.items():
+                report(f"fwd+bwd ({variant})", "TFLOP/s", 3.5 * flops / 1e12, ms, ms_theirs, label)
         del q, k, v, dout
         torch.cuda.empty_cache()
     return ok

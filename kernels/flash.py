@@ -21,31 +21,47 @@ gradient of O:
     dQ = scale * dS K
     dK = scale * dS^T Q
 
-in three kernels: delta (preprocessing), dK and dV (one program per key block, looping
-over queries), dQ (one program per query block, looping over keys).
+Two backward variants, both beginning with a delta kernel (preprocessing):
 
-Speed details: exponentials are exp2 with log2(e) folded into the scale; causal programs
+- deterministic (the default, what training uses): a dK/dV kernel (one program per key
+  block, looping over queries) and a dQ kernel (one program per query block, looping over
+  keys). Both recompute S and dP: 7 matmuls per tile where 5 would do, but every output
+  element is summed by one program in a fixed order, so two runs give identical bits.
+- atomic (`deterministic=False`, FlashAttention-2's): the dK/dV kernel alone, which also
+  computes dQ's share of each tile (dS K) and adds it into an fp32 dQ buffer with atomics:
+  5 matmuls per tile, one pass over the key blocks per program, one kernel fewer. The
+  order in which programs add into a dQ element is up to the GPU, so dQ (and through it
+  every gradient upstream) can differ in its last bits from run to run. Faster, not
+  bit-reproducible.
+
+Speed details: exponentials are exp2; the forward folds scale * log2(e) into the row
+maximum and into one fused multiply-add per score (exp2(s * scale - m)); causal programs
 stop at the diagonal; the causal (or sequence-tail) mask is applied to the scores only in
 the blocks that need it (MASK=True); accumulators and softmax statistics are fp32 while
 tl.dot takes fp16/bf16 operands. Any T works: loads and stores are bounds-checked, the
 tail block is masked, nothing is padded. q, k, v may be strided views, e.g. the
 `.view(B, T, H, D).transpose(1, 2)` of a projection; the last dimension must be contiguous.
+
+Launch configs (block sizes, warps, pipeline stages) come from a short candidate list per
+kernel and head dim, timed once per (head dim, causal, dtype, T bucket) on a GPU; see
+CANDIDATES and pin(). `python -m kernels.report` compiles them for sm_80 and sm_90.
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
 try:
     import triton
     import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # kernels/ still imports; attention() then uses PyTorch
+    HAS_TRITON, TRITON_ERROR = True, None
+except ImportError as e:  # kernels/ still imports; attention() then uses PyTorch
     class _NoTriton:  # just enough for the decorators and annotations below to evaluate
         jit = staticmethod(lambda fn: fn)
         constexpr = None
     triton = tl = _NoTriton()
-    HAS_TRITON = False
+    HAS_TRITON, TRITON_ERROR = False, f"{type(e).__name__}: {e}"
 
 # Triton's CPU interpreter runs each program with numpy (REFERENCE.md, "Triton on a CPU").
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -65,15 +81,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < T, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < T, other=0.0)
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        qk = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASK:  # the diagonal block (causal) or the sequence tail (non-causal)
             if CAUSAL:
                 keep = offs_m[:, None] >= offs_n[None, :]
             else:
                 keep = offs_n[None, :] < T
             qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # The scale (> 0) commutes with the max: scale the BLOCK_M maxima, not the BLOCK_M x BLOCK_N
+        # scores, and fold the scores' scaling into the subtraction, one fused multiply-add each.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -131,9 +149,9 @@ def _attn_fwd_kernel(Q, K, V,  # pointers to the inputs, each (B, H, T, D) with 
 # ---------------------------------------------------------------------------- backward
 # Query rows past T are loaded as zeros (L and delta too) and add nothing to dK and dV:
 # their dO row is zero, so dP, delta and dS are zero. Key rows past T give garbage dK, dV
-# rows that are never stored. Key rows past T are masked in the dQ kernel like in the
-# forward (a zero k row gives S = 0 and exp2(0 - L) can overflow when a row's L is very
-# negative).
+# rows that are never stored. Key rows past T are masked wherever dQ is summed (the dQ
+# kernel, the atomic dQ of the dK/dV kernel) like in the forward: a zero k row gives S = 0,
+# and exp2(0 - L) overflows when a row's L is very negative (inf * 0 = NaN in dS K).
 
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO,  # pointers to the output and its gradient, (B, H, T, D)
@@ -158,9 +176,10 @@ def _attn_bwd_delta_kernel(O, DO,  # pointers to the output and its gradient, (B
 def _attn_bwd_dkdv_inner(dk, dv, k, v,
                          Q, DO,          # pointers to q and dO of this (batch, head), each (T, D)
                          LSE, DELTA,     # pointers to this (batch, head)'s rows of L and delta, (T,)
-                         stride_qt, stride_dot, offs_n, start, end, T, qk_scale,
-                         MASK: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
+                         DQ,             # pointer to this (batch, head)'s fp32 dQ buffer, (T, D) (ATOMIC_DQ)
+                         stride_qt, stride_dot, stride_dqt, offs_n, start, end, T, qk_scale,
+                         CAUSAL: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
     offs_d = tl.arange(0, HEAD_D)
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -169,14 +188,22 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        pT = tl.math.exp2(sT - lse[None, :])
+        sT = tl.dot(k, qT, input_precision=PRECISION)  # (BLOCK_N, BLOCK_M), unscaled
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # one fused multiply-add, log2 units
         if MASK:  # causal diagonal: key n is seen by query m only if m >= n
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        if ATOMIC_DQ:
+            if not CAUSAL:  # key rows past T (causal: only queries past T, whose dO is zero, see them)
+                pT = tl.where(offs_n[:, None] < T, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)  # (BLOCK_N, BLOCK_M)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # the fifth matmul: this key block's share of dQ, (D, BLOCK_M) = k^T dS^T
+            # Computed transposed so that the MMA's rows are D (>= 16 x num_warps), not BLOCK_M.
+            dqT = tl.dot(tl.trans(k), dsT, input_precision=PRECISION)
+            tl.atomic_add(DQ + offs_m[None, :] * stride_dqt + offs_d[:, None], dqT, mask=row_ok[None, :],
+                          sem="relaxed")
     return dk, dv
 
 
@@ -184,14 +211,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
 def _attn_bwd_dkdv_kernel(Q, K, V, DO,  # pointers to the inputs and dO, (B, H, T, D), strides below
                           DK, DV,       # pointers to the key and value gradients, (B, H, T, D)
                           LSE, DELTA,   # pointers to L (log2 units) and delta, (B * H, T) fp32
+                          DQ,           # pointer to the fp32 dQ buffer, (B, H, T, D), zeroed (ATOMIC_DQ only)
                           stride_qb, stride_qh, stride_qt,
                           stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt,
                           stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt,
                           stride_dvb, stride_dvh, stride_dvt,
+                          stride_dqb, stride_dqh, stride_dqt,
                           H, T, qk_scale, sm_scale,
-                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                          CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
@@ -202,6 +231,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO,  # pointers to the inputs and dO, (B, H, 
     DO += b * stride_dob + h * stride_doh
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
+    DQ += b * stride_dqb + h * stride_dqh
     LSE += bh.to(tl.int64) * T
     DELTA += bh.to(tl.int64) * T
 
@@ -215,14 +245,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO,  # pointers to the inputs and dO, (B, H, 
 
     # Causal: queries before this key block never see it; the diagonal block
     # [start_n, start_n + BLOCK_N) is masked (BLOCK_N is a multiple of BLOCK_M); the rest not.
+    # With ATOMIC_DQ a key row past T is zero in k, so it adds nothing to dQ.
     if CAUSAL:
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n,
-                                      start_n, start_n + BLOCK_N, T, qk_scale, True, PRECISION, BLOCK_M, HEAD_D)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qt, stride_dot, stride_dqt, offs_n,
+                                      start_n, start_n + BLOCK_N, T, qk_scale, CAUSAL, True, ATOMIC_DQ, PRECISION,
+                                      BLOCK_M, HEAD_D)
         start = start_n + BLOCK_N
     else:
         start = 0
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n,
-                                  start, T, T, qk_scale, False, PRECISION, BLOCK_M, HEAD_D)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qt, stride_dot, stride_dqt, offs_n,
+                                  start, T, T, qk_scale, CAUSAL, False, ATOMIC_DQ, PRECISION, BLOCK_M,
+                                  HEAD_D)
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok)
 
@@ -239,8 +272,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta,
         col_ok = offs_n[None, :] < T
         kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok, other=0.0)
         vT = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=col_ok, other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        p = tl.math.exp2(s - lse[:, None])
+        s = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+        p = tl.math.exp2(s * qk_scale - lse[:, None])  # one fused multiply-add, log2 units
         if MASK:  # the diagonal block (causal) or the sequence tail (non-causal)
             if CAUSAL:
                 keep = offs_m[:, None] >= offs_n[None, :]
@@ -300,22 +333,107 @@ def _attn_bwd_dq_kernel(Q, K, V, DO,  # pointers to the inputs and dO, (B, H, T,
 
 # ----------------------------------------------------------------------- launch configs
 
-def _configs(D, dtype):
-    """Fixed (BLOCK_M, BLOCK_N, num_warps) per kernel, no autotuning; picked so that none
-    spills registers on H100 (sm_90) or A100 (sm_80) when compiled for bf16.
+class Config(NamedTuple):
+    """One launch config: query rows and key rows per block, warps per program, pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
 
-    fwd: one program per BLOCK_M queries, looping keys; dkdv: one program per BLOCK_N keys,
-    looping queries; dq: one program per BLOCK_M queries, looping keys. The interpreter
-    uses the same shapes, so the CPU tests exercise the multi-block and diagonal logic the
-    GPU runs.
-    """
-    if D <= 64:
-        cfg = dict(fwd=(128, 64, 8), dkdv=(64, 128, 8), dq=(128, 32, 4), stages=3)
-    else:
-        cfg = dict(fwd=(128, 64, 8), dkdv=(64, 64, 8), dq=(64, 32, 4), stages=3)
-    if dtype == torch.float32:  # the test path, not a fast one: exact fp32 dots (no TF32) spill
-        cfg["stages"] = 1        # registers; no pipelining keeps their shared memory down
-    return cfg
+
+# What each kernel is timed over on sm_90, per head dim (16 and 32 use 64's list); AMPERE
+# replaces some lists on older GPUs. The first is the default wherever nothing is timed: the
+# CPU interpreter, KERNELS_FLASH_TUNE=0. The rules, which `python -m kernels.report` checks on
+# the compiled code (tests/test_kernels.py runs it):
+# - no duplicated work: the tensor-core instructions of a tile do exactly its matmuls. The usual
+#   cause is a row dim (BLOCK_M in fwd and dq, BLOCK_N in dkdv) under 16 x num_warps, where
+#   Triton gives two warp groups the same rows (dkdv at (64, 64, 8 warps) did 1.5x the work);
+# - dq's BLOCK_N is at least 64: narrower, two of its three matmuls are shared-memory bound;
+# - no 8-warp forward under 128 x 128 scores (the Triton tutorial drops those on Hopper);
+# - fwd and dq: BLOCK_M a multiple of BLOCK_N, dkdv: BLOCK_N a multiple of BLOCK_M (the
+#   causal diagonal block is walked in whole blocks);
+# - nothing spills registers and at least one program fits an SM, in bf16.
+# "dkdv_atomic" is the dK/dV kernel that also adds dQ (deterministic=False).
+CANDIDATES = {
+    "fwd": {64: [Config(128, 128, 8, 3), Config(64, 64, 4, 3)],  # 128 rows on 4 warps spill
+            128: [Config(64, 64, 4, 3), Config(64, 32, 4, 4)]},   # 128 rows spill at D = 128
+    "dkdv": {64: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)],
+             128: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)]},
+    "dq": {64: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
+           128: [Config(64, 64, 4, 3), Config(128, 64, 8, 3)]},
+    "dkdv_atomic": {64: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)],
+                    128: [Config(32, 128, 8, 3), Config(32, 64, 4, 3)]},
+}
+# sm_80 keeps mma operands in registers (Hopper's wgmma reads them from shared memory), so
+# its backward runs out of registers sooner. At D = 128 no config of the atomic dK/dV kernel
+# tried compiled without spills or duplicated work ((32|64, 64|128, 4|8 warps), 2-3 stages):
+# there `deterministic=False` runs the deterministic backward.
+AMPERE = {
+    ("dkdv", 128): [Config(64, 64, 8, 3), Config(64, 64, 8, 2)],
+    ("dq", 128): [Config(64, 64, 4, 3), Config(64, 64, 8, 3)],
+    ("dq", 64): [Config(64, 64, 4, 1), Config(128, 64, 8, 1)],  # 2-3 stages spill 8-24 bytes
+    ("dkdv_atomic", 128): [],
+    ("dkdv_atomic", 64): [Config(32, 64, 4, 3), Config(64, 64, 4, 2)],
+}
+TUNE = os.environ.get("KERNELS_FLASH_TUNE", "1") != "0"  # 0: always the first candidate (reproducible bits)
+_PINNED = {}  # kernel name -> Config, set by pin()
+_TUNED = {}   # (kernel, D, causal, dtype, T bucket, device) -> the fastest candidate
+
+
+def candidates(kernel, D, dtype=torch.bfloat16, arch=90):
+    """The configs `kernel` may run with at head dim D on sm_<arch> (sm_90 and newer take the
+    Hopper lists, older GPUs AMPERE's where it has one). fp32 (exact dots, no TF32) is the
+    test path, not a fast one: one stage keeps its shared memory down."""
+    D = max(D, 64)
+    cfgs = AMPERE.get((kernel, D), CANDIDATES[kernel][D]) if arch < 90 else CANDIDATES[kernel][D]
+    return [c._replace(num_stages=1) for c in cfgs] if dtype == torch.float32 else cfgs
+
+
+def _arch(q):
+    """sm_<arch> of q's GPU as an int (90 for an H100); 90 off the GPU (the interpreter)."""
+    if not q.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return 10 * major + minor
+
+
+def pin(kernel, config):
+    """Run `kernel` ("fwd", "dkdv", "dq", "dkdv_atomic") with `config` (a Config, or a tuple
+    (block_m, block_n, num_warps, num_stages)) from now on; None goes back to tuning."""
+    if kernel not in CANDIDATES:
+        raise ValueError(f"unknown flash kernel {kernel!r}; choose one of {', '.join(CANDIDATES)}")
+    if config is None:
+        _PINNED.pop(kernel, None)
+        return
+    c = Config(*config)
+    rows, inner = (c.block_n, c.block_m) if kernel.startswith("dkdv") else (c.block_m, c.block_n)
+    if rows % inner:
+        raise ValueError(f"pin({kernel!r}): {'block_n' if kernel.startswith('dkdv') else 'block_m'} must be a "
+                         f"multiple of the other block size, got {tuple(c)}")
+    _PINNED[kernel] = c
+
+
+def t_bucket(T):
+    """The sequence-length part of the tuning key: T rounded up to a power of two (at least
+    128), so that right-padded batches of nearby lengths share one choice instead of each
+    new T being timed again."""
+    return max(128, triton.next_power_of_2(T))
+
+
+def _choose(kernel, q, causal, launch):
+    """The config to launch `kernel` with; launch(cfg) runs it once (for timing)."""
+    if kernel in _PINNED:
+        return _PINNED[kernel]
+    B, H, T, D = q.shape
+    cfgs = candidates(kernel, D, q.dtype, _arch(q))
+    if not (TUNE and q.is_cuda and len(cfgs) > 1):
+        return cfgs[0]
+    key = (kernel, D, causal, q.dtype, t_bucket(T), q.device)
+    if key not in _TUNED:  # each candidate runs about 20 ms on the real inputs; the last launch overwrites
+        from triton.testing import do_bench
+        ms = [do_bench(lambda: launch(c), warmup=5, rep=20) for c in cfgs]
+        _TUNED[key] = cfgs[ms.index(min(ms))]
+    return _TUNED[key]
 
 
 def _strides(x):
@@ -328,40 +446,83 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+HEAD_DIMS = (16, 32, 64, 128)
+MAX_BH = 65535  # B * H is the grid's second axis, which CUDA caps at 65535
+
+
+def supports(q, k, v):
+    """None if flash_attention takes these inputs, else the reason it does not (one sentence)."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        return (f"flash_attention wants q, k, v of one shape (B, H, T, D), got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"flash_attention wants q, k, v all fp32, fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"flash_attention supports head dims {', '.join(map(str, HEAD_DIMS))}, got {q.shape[-1]}"
+    if q.shape[0] * q.shape[1] > MAX_BH:
+        return f"flash_attention supports B * H up to {MAX_BH}, got {q.shape[0]} * {q.shape[1]}"
+    return None
+
+
 def _check(q, k, v):
     if not HAS_TRITON:
         raise RuntimeError("flash_attention needs triton, which failed to import")
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"flash_attention wants q, k, v of one shape (B, H, T, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"flash_attention wants q, k, v all fp32, fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] not in (16, 32, 64, 128):
-        raise ValueError(f"flash_attention supports head dims 16, 32, 64 and 128, got {q.shape[-1]}")
+    reason = supports(q, k, v)
+    if reason:
+        raise ValueError(reason)
     if not q.is_cuda and not INTERPRET:
         raise RuntimeError("flash_attention on CPU tensors needs TRITON_INTERPRET=1 set before kernels is imported")
 
 
 # ---------------------------------------------------------------------- autograd wrapper
 
+def _launch_fwd(q, k, v, o, lse, causal, precision, cfg):
+    B, H, T, D = q.shape
+    grid = (triton.cdiv(T, cfg.block_m), B * H)
+    _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                           H, T, LOG2E / math.sqrt(D), CAUSAL=causal, PRECISION=precision,
+                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, dq_acc, causal, precision, cfg):
+    """dq_acc: the zeroed fp32 dQ buffer to add into (the atomic variant), or None."""
+    B, H, T, D = q.shape
+    if dq_acc is not None:
+        dq_acc.zero_()
+    grid = (triton.cdiv(T, cfg.block_n), B * H)
+    sm_scale = 1.0 / math.sqrt(D)
+    dq_arg = dk if dq_acc is None else dq_acc  # never touched when ATOMIC_DQ is False
+    _attn_bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, dq_arg,
+                                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+                                *_strides(dv), *_strides(dq_arg), H, T, sm_scale * LOG2E, sm_scale,
+                                CAUSAL=causal, ATOMIC_DQ=dq_acc is not None, PRECISION=precision,
+                                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_dq(q, k, v, do, dq, lse, delta, causal, precision, cfg):
+    B, H, T, D = q.shape
+    grid = (triton.cdiv(T, cfg.block_m), B * H)
+    sm_scale = 1.0 / math.sqrt(D)
+    _attn_bwd_dq_kernel[grid](q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v),
+                              *_strides(do), *_strides(dq), H, T, sm_scale * LOG2E, sm_scale,
+                              CAUSAL=causal, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                              HEAD_D=D, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, causal):
+    def forward(ctx, q, k, v, causal, deterministic):
         B, H, T, D = q.shape
-        cfg = _configs(D, q.dtype)
-        BLOCK_M, BLOCK_N, num_warps = cfg["fwd"]
-        sm_scale = 1.0 / math.sqrt(D)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding for fp32 inputs
         o = torch.empty_like(q)  # q's layout when q is dense: o.transpose(1, 2) is then contiguous
         lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(T, BLOCK_M), B * H)
-        _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                               H, T, sm_scale * LOG2E, CAUSAL=causal, PRECISION=precision,
-                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D,
-                               num_warps=num_warps, num_stages=cfg["stages"])
+        launch = lambda cfg: _launch_fwd(q, k, v, o, lse, causal, precision, cfg)
+        launch(_choose("fwd", q, causal, launch))
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.precision = causal, precision
+        ctx.causal, ctx.precision, ctx.deterministic = causal, precision, deterministic
         return o
 
     @staticmethod
@@ -369,35 +530,39 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         do = _last_dim_contiguous(do)
         B, H, T, D = q.shape
-        cfg = _configs(D, q.dtype)
-        sm_scale = 1.0 / math.sqrt(D)
+        causal, precision = ctx.causal, ctx.precision
         delta = torch.empty_like(lse)
         _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *_strides(o), *_strides(do),
                                                             H, T, BLOCK_M=64, HEAD_D=D)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        scalars = (H, T, sm_scale * LOG2E, sm_scale)
-        launch = dict(CAUSAL=ctx.causal, PRECISION=ctx.precision, HEAD_D=D, num_stages=cfg["stages"])
-        BLOCK_M, BLOCK_N, num_warps = cfg["dkdv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H)](q, k, v, do, dk, dv, lse, delta, *strides,
-                                                                 *_strides(dk), *_strides(dv), *scalars,
-                                                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                                                 num_warps=num_warps, **launch)
-        BLOCK_M, BLOCK_N, num_warps = cfg["dq"]
-        _attn_bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](q, k, v, do, dq, lse, delta, *strides,
-                                                               *_strides(dq), *scalars,
-                                                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                                               num_warps=num_warps, **launch)
-        return dq, dk, dv, None
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if ctx.deterministic or not candidates("dkdv_atomic", D, q.dtype, _arch(q)):
+            # dK, dV by key blocks, then dQ by query blocks: 7 matmuls per tile
+            dq = torch.empty_like(q)
+            launch = lambda cfg: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, None, causal, precision, cfg)
+            launch(_choose("dkdv", q, causal, launch))
+            launch = lambda cfg: _launch_dq(q, k, v, do, dq, lse, delta, causal, precision, cfg)
+            launch(_choose("dq", q, causal, launch))
+        else:  # one pass, dQ added in fp32 by atomics: 5 matmuls per tile, dQ's last bits vary run to run
+            dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # (B, H, T, D), zeroed per launch
+            launch = lambda cfg: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, dq_acc, causal, precision, cfg)
+            launch(_choose("dkdv_atomic", q, causal, launch))
+            dq = (dq_acc * (1.0 / math.sqrt(D))).to(q.dtype)
+        return dq, dk, dv, None, None
 
 
-def flash_attention(q, k, v, causal=False):
-    """softmax(q k^T / sqrt(D), causal mask) v for q, k, v of shape (B, H, T, D); differentiable."""
+def flash_attention(q, k, v, causal=False, deterministic=True):
+    """softmax(q k^T / sqrt(D), causal mask) v for q, k, v of shape (B, H, T, D); differentiable.
+
+    deterministic=True (the default, what training uses): a backward whose gradients are the
+    same bits on every run. False: FlashAttention-2's five-matmul backward with dQ summed by
+    fp32 atomics, faster, with dQ's last bits varying from run to run (see the module docstring);
+    on sm_80 at D = 128 it has no config that fits its registers, and runs the deterministic one.
+    """
     _check(q, k, v)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter gets bf16 arithmetic wrong: run in fp32
-        return _FlashAttention.apply(q.float(), k.float(), v.float(), causal).to(q.dtype)
-    return _FlashAttention.apply(q, k, v, causal)
+        return _FlashAttention.apply(q.float(), k.float(), v.float(), causal, deterministic).to(q.dtype)
+    return _FlashAttention.apply(q, k, v, causal, deterministic)
 
 
 # ---------------------------------------------------------------------- PyTorch reference

@@ -123,11 +123,11 @@ def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM
     return _build(pairs, has_image, tok, template, image_token_id, system)
 
 
-def prompt_ids(turns, tok, image_token_id):
+def prompt_ids(turns, tok, image_token_id, system=SYSTEM):
     """vicuna_v1 prompt ending in "ASSISTANT:" for generation. turns: [(question, answer), ..., (question, None)]
     or LLaVA turns ending with a human one; put "<image>" in a question to include the image."""
     pairs, has_image = _prepare(turns, "vicuna_v1", open_end=True)
-    return _build(pairs, has_image, tok, "vicuna_v1", image_token_id)[0]
+    return _build(pairs, has_image, tok, "vicuna_v1", image_token_id, system)[0]
 
 
 def continuation_ids(question, tok):
