@@ -71,7 +71,7 @@ def data_manifest(data, image_root, vision_tower, language_model, init):
     if init is None and (vision_tower is None or language_model is None):
         raise FinetuneError(f"--data {data} is a LLaVA data file: pass --init DIR (a LLaVA), or --vision-tower DIR and --language-model DIR (CLIP and Vicuna)")
     absolute = lambda p: str(Path(p).resolve()) if p else None
-    return {"clip": absolute(vision_tower), "vicuna": absolute(language_model or init),
+    return {"clip": absolute(vision_tower or init), "vicuna": absolute(language_model or init),
             "stage2": {"data": absolute(data), "image_root": absolute(image_root)}}
 
 
