@@ -1,6 +1,7 @@
 """
 nanollava against transformers' LlavaForConditionalGeneration on the same weights, each side measured in one run
-and the ratio printed: a stage-2 training step, a LoRA step against PEFT, greedy decoding, and loading a checkpoint.
+and the ratio printed: a stage-2 training step, a LoRA step against PEFT, greedy decoding, and loading a checkpoint;
+and nanollava's server (nanollava/serve.py) with eight clients at once against the same requests one at a time.
 
     python bench.py train --steps 20                          # prepare.py's world: 16 rows, forward+backward+AdamW
     python bench.py lora --threads 1                          # LoRA r 16 step vs PEFT: 4 blocks of 512, vocab 32064
@@ -9,22 +10,29 @@ and the ratio printed: a stage-2 training step, a LoRA step against PEFT, greedy
     python bench.py decode --model out/stage2/model --repeats 9
     python bench.py load --model out/stage2/model             # from_pretrained to a ready model, both sides
     python bench.py decode --model llava-1.5-7b-hf --device cuda   # on a GPU
+    python bench.py serve --model out/stage2/model --threads 1  # the server: 8 clients at once vs one at a time
 
 The two sides alternate inside each repeat, so a change in machine load hits both alike; medians (train: means)
 are reported (lora: CPU time on a CPU, which other work on a shared machine does not inflate as it does wall
-time). transformers and peft are test-only dependencies of nanollava: it is imported here only. The kernels'
-own benchmark (Triton against SDPA and eager PyTorch) is kernels/bench.py.
+time). transformers and peft are test-only dependencies of nanollava: they are imported here only. The kernels'
+own benchmark (Triton against SDPA and eager PyTorch) is kernels/bench.py. `serve` needs a model with its tokenizer
+(default out/stage2/model, what train.py writes); its requests carry the world's eval images when prepare.py's
+world is there, random pictures otherwise.
 """
 import argparse
+import base64
+import io
 import json
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import kernels
 from nanollava import lora
@@ -37,18 +45,20 @@ from nanollava.tokenizer import load_tokenizer
 from nanollava.vit import ViTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SERVE_MODEL = "out/stage2/model"
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("what", choices=["train", "lora", "decode", "load"], help="the training step, the LoRA step, greedy decoding, or loading")
-parser.add_argument("--model", help="decode, load: a llava-hf layout checkpoint (default: a tiny random world-sized one)")
-parser.add_argument("--data", default=RECIPES["world"].data, help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data)")
-parser.add_argument("--steps", type=int, default=20, help="train: timed steps after 2 warm-up steps")
+parser.add_argument("what", choices=["train", "lora", "decode", "load", "serve"], help="the training step, the LoRA step, greedy decoding, loading, or the server")
+parser.add_argument("--model", help="lora, decode, load: a llava-hf layout checkpoint (default: a tiny random one); "
+                                    "serve: any model sample.py reads (default " + SERVE_MODEL + ")")
+parser.add_argument("--data", default=RECIPES["world"].data, help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data); serve: its eval images, if it is there")
+parser.add_argument("--steps", type=int, default=20, help="train, lora: timed steps after 2 warm-up steps")
 parser.add_argument("--micro-batch", type=int, default=None, help="train, lora: rows in the batch (default 16, lora 4)")
 parser.add_argument("--rank", type=int, default=16, help="lora: LoRA rank r")
 parser.add_argument("--alpha", type=float, default=32, help="lora: LoRA alpha (scale alpha / r)")
 parser.add_argument("--lora-dropout", type=float, default=0.05, help="lora: dropout on the LoRA input (official 0.05)")
-parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per generation (eos ignored by both)")
-parser.add_argument("--repeats", type=int, default=5, help="decode, load: timed repeats after a warm-up")
+parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per generation (eos ignored by both); serve: at most this many per answer")
+parser.add_argument("--repeats", type=int, default=None, help="decode, load, serve: timed repeats after a warm-up (default 5; serve 3)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
 parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bfloat16 on cuda, float32 on cpu")
 parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -278,9 +288,112 @@ def bench_load(model_dir, device, dtype, repeats):
     return medians
 
 
+# ----------------------------------------------------------------------------- the server
+
+def _ask(port, body):
+    """One streamed request with the standard library: (start, first content, end, text, completion tokens)."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0, first, text, usage = time.perf_counter(), None, [], None
+    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    for line in r:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        usage = ev.get("usage") or usage
+        if ev["choices"] and ev["choices"][0]["delta"].get("content"):
+            first = first or time.perf_counter()
+            text.append(ev["choices"][0]["delta"]["content"])
+    c.close()
+    return t0, first, time.perf_counter(), "".join(text), usage["completion_tokens"]
+
+
+def _clients(port, bodies, repeats, conn):
+    """The benchmark's clients, in their own process: each repeat serves the requests one at a time, then all at
+    once from one thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+    rounds = []
+    for _ in range(repeats):
+        alone = [_ask(port, b) for b in bodies]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: _ask(port, b), bodies))
+        rounds.append((alone, together))
+    conn.send(rounds)
+
+
+def bench_serve(model_dir, world_manifest, device, dtype, n_new, repeats, clients=8):
+    """Eight clients at once against the same requests one at a time, on a server in this process (clients in
+    another): total answer tokens/s (all completion tokens over the wall time from the first request to the last
+    answer), the ratio, and time to first token alone and under load; medians over repeats."""
+    import multiprocessing
+    import socket
+    import uvicorn
+    import sample  # the model, its tokenizer and its image preprocessing, as `sample.py --serve` loads them
+    from nanollava.serve import Limits, create_app
+    if not Path(model_dir).is_dir():
+        raise DataError(f"no model directory {model_dir}: train one (train.py) or pass --model DIR")
+    model, tok, pre = sample.load(model_dir, None, device, dtype)
+    name = "/".join(Path(model_dir).resolve().parts[-2:])
+    manifest = Path(world_manifest)
+    if manifest.is_file():
+        root = manifest.parent / json.loads(manifest.read_text())["eval"]["image_root"]
+        files = sorted((root / "eval").glob("*.png"))[:clients] or sorted(root.rglob("*.png"))[:clients]
+        images = [f.read_bytes() for f in files]
+    else:
+        images = []
+    if len(images) < clients:  # no world: random pictures
+        g = torch.Generator().manual_seed(0)
+        for _ in range(clients - len(images)):
+            buf = io.BytesIO()
+            Image.fromarray((torch.rand(72, 72, 3, generator=g) * 255).byte().numpy()).save(buf, format="PNG")
+            images.append(buf.getvalue())
+    bodies = [{"model": name, "temperature": 0, "max_tokens": n_new, "stream": True,
+               "stream_options": {"include_usage": True},
+               "messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(im).decode()}},
+                   {"type": "text", "text": "Describe the image in detail."}]}]} for im in images]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, pre, name, Limits(max_batch=clients)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    print(f"serve bench: {name}, {clients} requests (world images, 'Describe the image in detail.', greedy, at most "
+          f"{n_new} tokens), {repeats} repeats after a warm-up, {torch.get_num_threads()} threads", file=sys.stderr, flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_clients, args=(port, bodies, repeats + 1, child))
+    p.start()
+    rounds = parent.recv()[1:]  # the first round warms up
+    p.join()
+    server.should_exit = True
+
+    def rate(results):  # all answer tokens over the wall time of the whole set
+        return sum(r[4] for r in results) / (max(r[2] for r in results) - min(r[0] for r in results))
+
+    seq = statistics.median(rate(a) for a, _ in rounds)
+    par = statistics.median(rate(t) for _, t in rounds)
+    ttft_alone = statistics.median((r[1] - r[0]) * 1000 for a, _ in rounds for r in a)
+    ttft_load = [(r[1] - r[0]) * 1000 for _, t in rounds for r in t]
+    same = sum(x[3] == y[3] for a, t in rounds for x, y in zip(a, t))
+    tokens = statistics.median(sum(r[4] for r in a) for a, _ in rounds)
+    print(f"one at a time: {seq:8.1f} tokens/s; time to first token {ttft_alone:.1f} ms (median)", flush=True)
+    print(f"{clients} at once:    {par:8.1f} tokens/s; time to first token {statistics.median(ttft_load):.1f} ms "
+          f"median, {max(ttft_load):.1f} ms worst", flush=True)
+    print(f"batched / one at a time: {par / seq:.2f}x the tokens/s ({tokens:.0f} answer tokens a round; "
+          f"{same} of {len(rounds) * clients} answers identical both ways)", flush=True)
+    return seq, par
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch or 1), ("--tokens", args.tokens),
+    args.repeats = args.repeats if args.repeats is not None else 3 if args.what == "serve" else 5
+    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch if args.micro_batch is not None else 1), ("--tokens", args.tokens),
                         ("--repeats", args.repeats), ("--threads", args.threads or 1)):
         if value < 1:
             parser.error(f"{flag} must be 1 or more, not {value}")
@@ -291,6 +404,8 @@ def main(argv=None):
     try:
         if args.what == "train":
             return bench_train(args.data, args.steps, args.micro_batch or 16, args.device, args.seed)
+        if args.what == "serve":
+            return bench_serve(args.model or SERVE_MODEL, args.data, args.device, dtype, args.tokens, args.repeats)
         with tempfile.TemporaryDirectory() as tmp:
             if args.what == "lora":  # the 1.63x of the README: 4 blocks of width 512, llava-hf's 32064 vocabulary
                 model_dir = args.model or tiny_checkpoint(tmp, width=512, layers=4, vocab=32064)

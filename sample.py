@@ -6,7 +6,8 @@ or the official liuhaotian layout (with --vision-tower DIR when its CLIP tower i
 prompt is built as the official LLaVA-1.5 builds it (vicuna_v1 template, tokenizer_image_token chunking, image
 padded to a square with the CLIP mean), so greedy decoding of an official checkpoint gives the official tokens.
 stdout carries only the answers (for --eval the metric lines); the rest goes to stderr. The question files, the
-official scorers and the evaluation loop are nanollava/eval.py; the speed against transformers is bench.py.
+official scorers and the evaluation loop are nanollava/eval.py; the speed against transformers, and the server's
+with eight clients at once, is bench.py.
 
     python sample.py --image x.jpg                                     # the newest stage-2 model, answer streamed
     python sample.py --image x.jpg --prompt "What color is the star?" --temperature 0
@@ -16,7 +17,6 @@ official scorers and the evaluation loop are nanollava/eval.py; the speed agains
     python sample.py --eval questions.jsonl --image-root DIR --answers answers.jsonl
     python sample.py --score answers.jsonl                             # re-score an answers file, no model
     python sample.py --serve [--host 127.0.0.1 --port 8000]            # OpenAI-compatible API and chat page
-    python sample.py --serve --bench --threads 1                       # eight clients at once vs one at a time
     python sample.py --image x.jpg --attention out.png                 # where the answer looked, as a heatmap
     python sample.py --model llava-v1.5-7b --vision-tower clip-vit-large-patch14-336 --image x.jpg   # on a GPU
 
@@ -87,7 +87,6 @@ parser.add_argument("--score", default=None, metavar="ANSWERS", help="score an a
 parser.add_argument("--serve", action="store_true", help="serve the model: OpenAI-compatible /v1/chat/completions and a chat page at / (nanollava/serve.py)")
 parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on (default loopback only)")
 parser.add_argument("--port", type=checked(int, lambda n: 0 < n < 65536, "from 1 to 65535"), default=8000, help="--serve: the port")
-parser.add_argument("--bench", action="store_true", help="with --serve: eight clients at once against the same requests one at a time (--max-new-tokens each, default 64; 3 repeats)")
 parser.add_argument("--attention", default=None, metavar="PNG", help="with one --image: write it with a heatmap of the attention the answer gives to each image patch (nanollava/attention_map.py)")
 
 
@@ -266,8 +265,6 @@ def run(args):
     model_dir = args.model or DEFAULT_MODEL
     if not Path(model_dir).is_dir():
         raise DataError(f"no model directory {model_dir}" + (": train one (train.py) or pass --model DIR" if args.model is None else ""))
-    if args.bench and not args.serve:
-        raise DataError("--bench goes with --serve here; the other benchmarks are bench.py's")
     if args.eval is None and not args.chat and not args.image and not args.prompt and not args.serve:
         raise DataError("nothing to ask: give --image and/or --prompt, or --chat, --eval, --score, --serve")
     if args.attention and (len(args.image) != 1 or len(args.prompt) > 1 or args.chat or args.eval is not None):
@@ -310,8 +307,6 @@ def run(args):
         from nanollava import serve
         name = "/".join(Path(model_dir).resolve().parts[-2:])
         header()
-        if args.bench:
-            return serve.bench(model, tok, pre, name, WORLD_MANIFEST, args.max_new_tokens or 64)
         return serve.serve(model, tok, pre, name, args.host, args.port)
     max_new = 512 if args.max_new_tokens is None else args.max_new_tokens  # the official CLI's 512
     if args.chat:

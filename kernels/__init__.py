@@ -9,7 +9,8 @@ everywhere (on the CPU only under TRITON_INTERPRET=1, as the tests do); "torch" 
 If triton fails to import, "auto" uses PyTorch (with one warning where a CUDA GPU is
 present, since the kernels were expected there) and `use("triton")` raises.
 
-The FlashAttention-2 kernels live in `kernels/flash.py`, RMSNorm's in `kernels/rmsnorm.py`.
+The FlashAttention-2 kernels live in `kernels/flash.py` (their launch configs and tuning in
+`kernels/tune.py`), RMSNorm's in `kernels/rmsnorm.py`.
 """
 import warnings
 

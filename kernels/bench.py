@@ -93,7 +93,7 @@ def bench_attention(args):
     from torch.nn.attention import SDPBackend
 
     from kernels import attention_ref, flash_attention
-    from kernels.flash import _arch, candidates
+    from kernels.tune import _arch, candidates
     ok = True
     for name, B, H, T, D, causal in ATTENTION_SHAPES:
         print(f"attention {name}: B={B} H={H} T={T} D={D} {'causal' if causal else 'non-causal'}, bf16")

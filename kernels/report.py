@@ -138,7 +138,7 @@ def jobs(archs):
     """What to compile: (arch, shape, kernel, config) for every kernel and candidate config."""
     import triton
 
-    from .flash import Config, candidates
+    from .tune import Config, candidates
     from .rmsnorm import _num_warps
     out = []
     for arch in archs:

@@ -1,19 +1,24 @@
 """LLaVA-1.5 data: prompt templates with exact loss masks, CLIP image preprocessing, the dataset, and batching.
 
 Matches the official haotian-liu/LLaVA training code (`preprocess_plain`, `preprocess_v1`,
-`tokenizer_image_token`, `expand2square`, CLIPImageProcessor, `LengthGroupedSampler`) with two deliberate
-differences:
+`tokenizer_image_token`, `expand2square`, CLIPImageProcessor, `LengthGroupedSampler`) with deliberate
+differences (the README's "Fidelity to the release" lists each, with its test):
 - ids and labels are built segment by segment, so the loss covers exactly each answer and its </s> by
   construction. The official code re-tokenizes and counts, and silently masks a whole sample on a count
   mismatch ("WARNING: tokenization mismatch"). Segments are cut only before a "▁" that starts an answer
   (" {answer}") or at a special token, and no Llama piece holds "▁" after another character, so encoding
-  segment by segment gives the same ids as encoding the whole prompt (tests/test_data.py checks it).
-- bad rows (malformed, missing or corrupt images, too long) are skipped and counted, never fatal.
+  segment by segment gives the same ids as encoding the whole prompt (tests/test_official.py checks it
+  against the official code's own outputs).
+- text is text: "</s>" written in a message is never the end-of-sequence id.
+- bad rows (malformed, whitespace-only, missing or corrupt images, too long) are skipped and counted, never fatal.
 
-Prompts (REFERENCE.md), with the image placeholder always at the start of the first question:
-  plain:     <s> <image> {caption}\\n                      loss on "{caption}\\n"
-  vicuna_v1: <s> {SYSTEM} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+Prompts (REFERENCE.md); in training rows the image placeholder goes at the start of the first question:
+  plain:     <s> <image> {caption}\n                      loss on "{caption}\n"
+  vicuna_v1: <s> {SYSTEM} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
                                                           loss on " {a}" and </s> of every turn
+After each </s>, "USER:" is tokenized as the release was trained, "US" "ER" ":" (tok.turn_boundary, see
+Tokenizer.encode_after_special). Inference prompts (prompt_ids) take every message verbatim, as the official
+model_vqa_loader does.
 Benchmark the loader: python -m nanollava.data --bench /tmp/bench   (makes photo-like JPEGs there first)
 """
 import json
@@ -45,11 +50,9 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- templates
 
-def _prepare(conversations, template, open_end=False):
-    """LLaVA turns [{"from": "human"|"gpt", "value": ...}, ...] or (question, answer) pairs -> checked pairs,
-    with the image marker moved to the front of the first question as "<image>\\n{question}"."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}, expected one of {TEMPLATES}")
+def _pairs(conversations, open_end=False):
+    """LLaVA turns [{"from": "human"|"gpt", "value": ...}, ...] or (question, answer) pairs -> checked pairs;
+    the last answer is None exactly when open_end (a prompt for generation)."""
     if conversations and isinstance(conversations[0], dict):
         if any(not isinstance(t, dict) or not isinstance(t.get("value"), str) for t in conversations):
             raise DataError("a turn that is not {'from': ..., 'value': str}")
@@ -67,6 +70,15 @@ def _prepare(conversations, template, open_end=False):
                         "no answer")
     if any(a is not None and IMAGE in a for _, a in pairs):
         raise DataError(f"{IMAGE} inside an answer", "image marker in answer")
+    return pairs
+
+
+def _prepare(conversations, template):
+    """A training row -> (pairs, has_image), with the image marker moved to the front of the first question as
+    "<image>\n{question}" (the official preprocess_multimodal, except that it keeps the marker's turn)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}, expected one of {TEMPLATES}")
+    pairs = _pairs(conversations)
     has_image = any(IMAGE in q for q, _ in pairs)
     if template == "plain":
         if len(pairs) != 1 or not has_image:
@@ -79,36 +91,33 @@ def _prepare(conversations, template, open_end=False):
     pairs = [(q.replace(IMAGE, "").strip() if IMAGE in q else q, a) for q, a in pairs]
     if has_image:
         pairs[0] = (IMAGE + "\n" + pairs[0][0].strip(), pairs[0][1])
-    if any(not q.strip() for q, _ in pairs[1 if has_image else 0:]) or any(a is not None and not a.strip()
-                                                                           for _, a in pairs):
+    if any(not q.strip() for q, _ in pairs[1 if has_image else 0:]) or any(not a.strip() for _, a in pairs):
         raise DataError("an empty question or answer", "empty text")
     return pairs, has_image
 
 
-def _build(pairs, has_image, tok, template, image_token_id, system=SYSTEM):
+def _vicuna(pairs, tok, image_token_id, system=SYSTEM):
+    """ids and labels of "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>..." (an open
+    last turn ends in "ASSISTANT:") as conv_vicuna_v1.get_prompt() + tokenizer_image_token make them. Segments:
+    the text before the marker; the text after it (a new tokenizer call, so a new dummy prefix: "\n" becomes
+    "▁" (29871) "<0x0A>" (13)); each " {answer}" (cut before its "▁"); after every </s> the next turn, encoded
+    as text after a special token (tok.turn_boundary: "US" "ER" ":" as the release trained)."""
     ids, labels = [tok.bos_id], [IGNORE_INDEX]
-    head = system + " USER: " if system else "USER: "
 
     def add(new, supervised):
         ids.extend(new)
         labels.extend(new if supervised else [IGNORE_INDEX] * len(new))
 
-    if template == "plain":
-        add([image_token_id], False)
-        # Official tokenizer_image_token encodes each chunk around <image> on its own, dummy prefix included.
-        add(tok.encode(pairs[0][1] + "\n"), True)
-        return ids, labels
     for k, (q, a) in enumerate(pairs):
-        if k == 0 and has_image:
-            add(tok.encode(head), False)  # ends in a lone "▁", as in the official ids
+        head = (system + " USER: " if system else "USER: ") if k == 0 else "USER: "
+        encode = tok.encode if k == 0 else tok.encode_after_special
+        before, marker, after = (head + q).partition(IMAGE)
+        if marker:
+            add(encode(before), False)  # ends in a lone "▁" when the marker follows "USER: ", as officially
             add([image_token_id], False)
-            # A new chunk, so a new dummy prefix: "\n" becomes "▁" (29871) + "<0x0A>" (13).
-            add(tok.encode(q[len(IMAGE):] + " ASSISTANT:"), False)
-        elif k == 0:
-            add(tok.encode(head + q + " ASSISTANT:"), False)
+            add(tok.encode(after + " ASSISTANT:"), False)
         else:
-            # Text right after </s> gets no dummy prefix (HF's slow tokenizer with legacy=False).
-            add(tok.encode("USER: " + q + " ASSISTANT:", prefix=False), False)
+            add(encode(before + " ASSISTANT:"), False)
         if a is None:
             break
         add(tok.encode(" " + a, prefix=False), True)
@@ -120,21 +129,34 @@ def conversation_ids(conversations, tok, template, image_token_id, system=SYSTEM
     """A training row -> (ids, labels): lists of ints, labels IGNORE_INDEX where the loss is masked.
     system="" leaves vicuna_v1's system prompt out (prepare.py pretrains the world's LLM on such chats)."""
     pairs, has_image = _prepare(conversations, template)
-    return _build(pairs, has_image, tok, template, image_token_id, system)
+    if template == "vicuna_v1":
+        return _vicuna(pairs, tok, image_token_id, system)
+    # plain: official tokenizer_image_token encodes each chunk around <image> on its own, dummy prefix included.
+    caption = tok.encode(pairs[0][1] + "\n")
+    return [tok.bos_id, image_token_id] + caption, [IGNORE_INDEX, IGNORE_INDEX] + caption
 
 
 def prompt_ids(turns, tok, image_token_id, system=SYSTEM):
-    """vicuna_v1 prompt ending in "ASSISTANT:" for generation. turns: [(question, answer), ..., (question, None)]
-    or LLaVA turns ending with a human one; put "<image>" in a question to include the image."""
-    pairs, has_image = _prepare(turns, "vicuna_v1", open_end=True)
-    return _build(pairs, has_image, tok, "vicuna_v1", image_token_id, system)[0]
+    """vicuna_v1 prompt ending in "ASSISTANT:" for generation, as the official inference code builds it
+    (model_vqa_loader, the CLI): every message verbatim, whitespace kept, so "<image>\nWhat does the sign say?  "
+    ends in "say?   ASSISTANT:" and a question that is only "<image>" is followed by " ASSISTANT:".
+    turns: [(question, answer), ..., (question, None)] or LLaVA turns ending with a human one. "<image>" marks
+    the image: at most once, in the first question, where the caller puts it (the official loaders put
+    "<image>\n" in front of the question). system="" leaves the system prompt out."""
+    pairs = _pairs(turns, open_end=True)
+    if pairs[0][0].count(IMAGE) > 1 or any(IMAGE in q for q, _ in pairs[1:]):
+        raise DataError(f"{IMAGE} can only be in the first question, once")
+    if any(not q for q, _ in pairs) or any(a == "" for _, a in pairs):
+        # The official get_prompt() writes an empty message as "USER:" with no separator: never trained on.
+        raise DataError("an empty question or answer", "empty text")
+    return _vicuna(pairs, tok, image_token_id, system)[0]
 
 
 def continuation_ids(question, tok):
     """The next turn as it follows a generated </s>: feed [tok.eos_id] + these when keeping the KV cache."""
     if IMAGE in question:
         raise DataError(f"{IMAGE} can only be in the first question")
-    return tok.encode("USER: " + question + " ASSISTANT:", prefix=False)
+    return tok.encode_after_special("USER: " + question + " ASSISTANT:")
 
 
 # ----------------------------------------------------------------------------- images

@@ -2,7 +2,7 @@
 An OpenAI-compatible server for a LLaVA-1.5 model, with a chat page, on FastAPI and uvicorn.
 
     python sample.py --serve --model out/stage2/model              # http://127.0.0.1:8000: the page, and the API
-    python sample.py --serve --bench                               # eight clients at once against one at a time
+    python bench.py serve --model out/stage2/model --threads 1     # eight clients at once against one at a time
 
 - POST /v1/chat/completions in OpenAI's chat format: text and image_url parts (data: URLs of base64 PNG, JPEG or
   WebP; http(s) URLs are refused, nothing is fetched), one image, in the first user turn, as LLaVA-1.5 was trained;
@@ -13,194 +13,25 @@ An OpenAI-compatible server for a LLaVA-1.5 model, with a chat page, on FastAPI 
   prefilled on its own and joins the left-padded batch at the next step; a row that ends (eos, stop, max_tokens,
   client gone) leaves it at once. Each row has its own sampler, so a greedy answer equals the answer alone.
 - Limits: a bounded queue (503 when full), the request body and the image capped in bytes, the image in pixels.
-  Every bad request gets a 4xx JSON error in OpenAI's shape with one sentence; the server keeps serving.
+  Every bad request gets a 4xx JSON error in OpenAI's shape with one sentence; the server keeps serving. What a
+  request may be, and those errors, are nanollava/openai_api.py.
 """
 import asyncio
-import base64
-import binascii
 import collections
-import io
 import json
-import re
 import sys
 import threading
 import time
 import uuid
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from nanollava.attention_map import image_attention, patch_grid
-from nanollava.data import IMAGE, SYSTEM, DataError, prompt_ids
 from nanollava.llava import sample
+from nanollava.openai_api import ApiError, Limits, parse_chat, usage_of
 
 PAGE = Path(__file__).with_name("chat.html")
-DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(.*)", re.S)
-FORMATS = {"PNG", "JPEG", "WEBP"}
-
-
-@dataclass
-class Limits:
-    max_batch: int = 8                  # rows decoding together
-    max_queue: int = 64                 # requests waiting for a row; one more gets 503
-    max_body_bytes: int = 16 * 2**20    # the whole request (base64 makes an image 4/3 bigger)
-    max_image_bytes: int = 8 * 2**20    # one decoded image file
-    max_image_pixels: int = 4096 * 4096
-    max_tokens: int = 512               # the default answer length, as the official CLI
-
-
-class ApiError(Exception):
-    """A bad request: its HTTP status and one sentence, answered as {"error": {"message", "type", "param"}}."""
-
-    def __init__(self, status, message, param=None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self):
-        kind = {404: "not_found_error", 413: "request_too_large", 503: "server_busy"}.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": None}}
-
-
-# ----------------------------------------------------------------------------- requests
-
-class NamedBytes(io.BytesIO):
-    """Image bytes that name their place in the request, so that load_image's errors say where the image was."""
-
-    def __init__(self, data, name):
-        super().__init__(data)
-        self.name = name
-
-    def __str__(self):
-        return self.name
-
-
-def decode_image(url, where, pre, limits):
-    """A data: URL -> (3, S, S) pixels via the model's preprocessing, or an ApiError naming the part."""
-    if not isinstance(url, str):
-        raise ApiError(400, f"{where}: image_url.url must be a string", where)
-    if re.match(r"https?://", url, re.I):
-        raise ApiError(400, f"{where}: http(s) image URLs are not fetched; send the image inline as a data: URL "
-                            f"(base64 PNG, JPEG or WebP)", where)
-    m = DATA_URL.match(url)
-    if not m:
-        raise ApiError(400, f"{where}: not a data:image/png, jpeg or webp;base64 URL", where)
-    if len(m[2]) > limits.max_image_bytes * 4 // 3 + 4:
-        raise ApiError(413, f"{where}: the image is over the {limits.max_image_bytes} byte limit", where)
-    try:
-        raw = base64.b64decode(re.sub(r"\s+", "", m[2]), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: the base64 data is corrupt", where) from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))  # reads the header only
-            fmt, (w, h) = img.format, img.size
-    except Exception:
-        raise ApiError(400, f"{where}: the data is not a PNG, JPEG or WebP image", where) from None
-    if fmt not in FORMATS:
-        raise ApiError(400, f"{where}: the image is {fmt}; PNG, JPEG and WebP are supported", where)
-    if w * h > limits.max_image_pixels:
-        raise ApiError(400, f"{where}: the image is {w}x{h} pixels, over the limit of {limits.max_image_pixels}", where)
-    try:
-        return pre(NamedBytes(raw, where))
-    except DataError as e:
-        raise ApiError(400, str(e), where) from None
-
-
-def text_of(content, where, images, pre, limits, may_hold_image):
-    """A message's content (a string or a list of parts) -> its text; images found are decoded into `images`."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ApiError(400, f"{where}.content must be a string or a list of parts", where)
-    texts = []
-    for j, part in enumerate(content):
-        at = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            if images:
-                raise ApiError(400, f"{at}: a second image; one image per conversation is supported, as LLaVA-1.5 "
-                                    f"was trained", at)
-            if not may_hold_image:
-                raise ApiError(400, f"{at}: the image must be in the first user message, as LLaVA-1.5 was trained", at)
-            url = part.get("image_url")
-            images.append(decode_image(url.get("url") if isinstance(url, dict) else url, at, pre, limits))
-        else:
-            raise ApiError(400, f"{at}: a part must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', ...}}", at)
-    return "\n".join(texts)
-
-
-def number(body, key, default, lo, hi, integer=False, lo_open=False):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or v < lo or v > hi or (lo_open and v == lo):
-        span = f"{'above' if lo_open else 'at least'} {lo}" + ("" if hi == float("inf") else f" and at most {hi}")
-        raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'} {span}; got {v!r}", key)
-    return v
-
-
-def parse_chat(body, name, model, tok, pre, limits):
-    """A chat completion request -> the Job it asks for (not yet submitted), or an ApiError."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    if body.get("model") is None:
-        raise ApiError(400, f"model is required; this server serves {name!r}", "model")
-    if body["model"] != name:
-        raise ApiError(404, f"the model {body['model']!r} does not exist; this server serves {name!r}", "model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list of chat messages", "messages")
-    if body.get("n", 1) not in (1, None):
-        raise ApiError(400, "n must be 1: one answer per request", "n")
-    temperature = number(body, "temperature", 1.0, 0, 2)
-    top_p = number(body, "top_p", 1.0, 0, 1, lo_open=True)
-    max_tokens = number(body, "max_completion_tokens", None, 1, float("inf"), integer=True)
-    max_tokens = number(body, "max_tokens", max_tokens, 1, float("inf"), integer=True)
-    seed = number(body, "seed", None, -2**63, 2**64 - 1, integer=True)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a string or a list of at most 4 non-empty strings", "stop")
-    images, system, turns = [], SYSTEM, []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"{where}.role must be system, user or assistant; got {role!r}", where)
-        if role in ("system", "developer") and i > 0:
-            raise ApiError(400, f"{where}: a system message may only come first", where)
-        text = text_of(m.get("content"), where, images, pre, limits, role == "user" and not turns)
-        if role in ("system", "developer"):
-            system = text
-        else:
-            turns.append((role, text))
-    roles = [r for r, _ in turns]
-    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-        raise ApiError(400, "messages must alternate user and assistant (after an optional system message) and end "
-                            "with a user message", "messages")
-    pairs = [(q, a) for (_, q), (_, a) in zip(turns[::2], turns[1::2] + [(None, None)])]
-    if images:
-        pairs[0] = (IMAGE + "\n" + pairs[0][0], pairs[0][1])
-    try:
-        ids = prompt_ids(pairs, tok, model.image_token_id, system)
-    except DataError as e:
-        raise ApiError(400, f"messages: {e}", "messages") from None
-    ctx = model.config.text.max_position_embeddings
-    prompt_tokens = len(ids) + (model.config.vision.num_patches - 1) * len(images)
-    if prompt_tokens >= ctx:
-        raise ApiError(400, f"the prompt is {prompt_tokens} tokens with its image features; the context holds {ctx}",
-                       "messages")
-    gen = torch.Generator(model.language_model.lm_head.weight.device)
-    gen.manual_seed(seed % 2**64) if seed is not None else gen.seed()
-    return Job(ids, images[0][None] if images else None, prompt_tokens, temperature, top_p,
-               min(max_tokens or limits.max_tokens, ctx - prompt_tokens), stop, gen, bool(body.get("attention")))
 
 
 # ----------------------------------------------------------------------------- batching
@@ -241,15 +72,15 @@ class Job:
 
 
 class Engine:
-    """The worker thread that owns the model. Each turn of its loop: run queued calls (attention maps), admit
-    waiting jobs while rows are free (prefilled together, then merged into the running batch's KV cache), take
+    """The worker thread that owns the model. Each turn of its loop: admit waiting
+    jobs while rows are free (prefilled together, then merged into the running batch's KV cache), take
     one decoding step for every row, and drop the rows that ended. Rows are left-padded: in the merged cache a
     shorter row has padding keys on its left, which the mask hides and the positions (counting real tokens only)
     skip, so each row computes what it would alone."""
 
     def __init__(self, model, tok, limits):
         self.model, self.tok, self.limits = model, tok, limits
-        self.waiting, self.calls, self.rows = collections.deque(), collections.deque(), []
+        self.waiting, self.rows = collections.deque(), []
         self.cache = self.logits = None
         self.cv = threading.Condition()
         self.served = self.largest_batch = 0
@@ -272,13 +103,10 @@ class Engine:
     def _loop(self):
         while True:
             with self.cv:
-                while not (self.waiting or self.rows or self.calls):
+                while not (self.waiting or self.rows):
                     self.cv.wait()
-                calls, self.calls = list(self.calls), collections.deque()
                 self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
                 new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.limits.max_batch - len(self.rows)))]
-            for fn, done in calls:
-                done(fn)
             try:
                 if new:
                     self._admit(new)
@@ -375,22 +203,6 @@ class Engine:
         w = image_attention(self.model, torch.tensor(job.ids, device=dev), job.pixels.to(dev), job.out)
         return patch_grid(w, self.model.config.vision).tolist()
 
-    def call(self, fn, loop):
-        """Runs fn() on the worker thread between two steps; a future of its result for the event loop."""
-        fut = loop.create_future()
-
-        def done(f):
-            try:
-                r = f()
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(r))
-            except Exception as e:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
-
-        with self.cv:
-            self.calls.append((fn, done))
-            self.cv.notify()
-        return fut
-
     @staticmethod
     def _send(events):
         """Delivers (job, event) pairs to their event loops: one wake-up per loop per step."""
@@ -448,7 +260,7 @@ def create_app(model, tok, pre, name, limits=None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
-        job = await asyncio.to_thread(parse_chat, body, name, model, tok, pre, limits)  # image decoding off the loop
+        job = Job(**await asyncio.to_thread(parse_chat, body, name, model, tok, pre, limits))  # image decoding off the loop
         engine.submit(job, asyncio.get_running_loop())
         cid, now = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         if body.get("stream"):
@@ -508,109 +320,7 @@ def create_app(model, tok, pre, name, limits=None):
     return app
 
 
-def usage_of(job):
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.out),
-            "total_tokens": job.prompt_tokens + len(job.out)}
-
-
 def serve(model, tok, pre, name, host="127.0.0.1", port=8000, limits=None):
     import uvicorn
     print(f"nanollava.serve: {name} on http://{host}:{port} (the chat page at /, the API at /v1)", file=sys.stderr, flush=True)
     uvicorn.run(create_app(model, tok, pre, name, limits), host=host, port=port, log_level="warning")
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def _ask(port, body):
-    """One streamed request with the standard library: (start, first content, end, text, completion tokens)."""
-    import http.client
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    t0, first, text, usage = time.perf_counter(), None, [], None
-    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-    for line in r:
-        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-            continue
-        ev = json.loads(line[6:])
-        usage = ev.get("usage") or usage
-        if ev["choices"] and ev["choices"][0]["delta"].get("content"):
-            first = first or time.perf_counter()
-            text.append(ev["choices"][0]["delta"]["content"])
-    c.close()
-    return t0, first, time.perf_counter(), "".join(text), usage["completion_tokens"]
-
-
-def _clients(port, bodies, repeats, conn):
-    """The benchmark's clients, in their own process: each repeat serves the requests one at a time, then all at
-    once from one thread each."""
-    from concurrent.futures import ThreadPoolExecutor
-    rounds = []
-    for _ in range(repeats):
-        alone = [_ask(port, b) for b in bodies]
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            together = list(pool.map(lambda b: _ask(port, b), bodies))
-        rounds.append((alone, together))
-    conn.send(rounds)
-
-
-def bench(model, tok, pre, name, world_manifest, n_new=64, repeats=3, clients=8):
-    """Eight clients at once against the same requests one at a time, on a server in this process (clients in
-    another): total answer tokens/s (all completion tokens over the wall time from the first request to the last
-    answer), the ratio, and time to first token alone and under load; medians over repeats."""
-    import multiprocessing
-    import socket
-    import statistics
-    import uvicorn
-    manifest = Path(world_manifest)
-    if manifest.is_file():
-        root = manifest.parent / json.loads(manifest.read_text())["eval"]["image_root"]
-        files = sorted((root / "eval").glob("*.png"))[:clients] or sorted(root.rglob("*.png"))[:clients]
-        images = [f.read_bytes() for f in files]
-    else:
-        images = []
-    if len(images) < clients:  # no world: random pictures
-        g = torch.Generator().manual_seed(0)
-        for _ in range(clients - len(images)):
-            buf = io.BytesIO()
-            Image.fromarray((torch.rand(72, 72, 3, generator=g) * 255).byte().numpy()).save(buf, format="PNG")
-            images.append(buf.getvalue())
-    bodies = [{"model": name, "temperature": 0, "max_tokens": n_new, "stream": True,
-               "stream_options": {"include_usage": True},
-               "messages": [{"role": "user", "content": [
-                   {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(im).decode()}},
-                   {"type": "text", "text": "Describe the image in detail."}]}]} for im in images]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, pre, name, Limits(max_batch=clients)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    print(f"serve bench: {name}, {clients} requests (world images, 'Describe the image in detail.', greedy, at most "
-          f"{n_new} tokens), {repeats} repeats after a warm-up, {torch.get_num_threads()} threads", file=sys.stderr, flush=True)
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=_clients, args=(port, bodies, repeats + 1, child))
-    p.start()
-    rounds = parent.recv()[1:]  # the first round warms up
-    p.join()
-    server.should_exit = True
-
-    def rate(results):  # all answer tokens over the wall time of the whole set
-        return sum(r[4] for r in results) / (max(r[2] for r in results) - min(r[0] for r in results))
-
-    seq = statistics.median(rate(a) for a, _ in rounds)
-    par = statistics.median(rate(t) for _, t in rounds)
-    ttft_alone = statistics.median((r[1] - r[0]) * 1000 for a, _ in rounds for r in a)
-    ttft_load = [(r[1] - r[0]) * 1000 for _, t in rounds for r in t]
-    same = sum(x[3] == y[3] for a, t in rounds for x, y in zip(a, t))
-    tokens = statistics.median(sum(r[4] for r in a) for a, _ in rounds)
-    print(f"one at a time: {seq:8.1f} tokens/s; time to first token {ttft_alone:.1f} ms (median)", flush=True)
-    print(f"{clients} at once:    {par:8.1f} tokens/s; time to first token {statistics.median(ttft_load):.1f} ms "
-          f"median, {max(ttft_load):.1f} ms worst", flush=True)
-    print(f"batched / one at a time: {par / seq:.2f}x the tokens/s ({tokens:.0f} answer tokens a round; "
-          f"{same} of {len(rounds) * clients} answers identical both ways)", flush=True)
-    return seq, par

@@ -7,7 +7,10 @@ sentencepiece package at run time) and turn its pieces and scores into BPE merge
 
 Notable features:
 - `encode(text, prefix=True)` equals `sentencepiece`'s encode (no BOS/EOS); `prefix=False` leaves out the
-  dummy-prefix "▁", which is how the HF slow tokenizer with legacy=False encodes text after `</s>`.
+  dummy-prefix "▁" (a segment cut out of the middle of a text).
+- `encode_after_special(text)` encodes text that follows a special token such as `</s>` the way HF's slow
+  LlamaTokenizer does, in one of `TURN_BOUNDARIES`: "release" (transformers 4.31, what LLaVA-1.5 was trained
+  with: `...</s>USER:` is "US" "ER" ":"), "4.37" ("USER" ":") or "legacy" ("▁US" "ER" ":").
 - text is always literal: "</s>" or "<image>" in a string are characters, never special ids. The prompt
   code in data.py places the special ids itself.
 - `decode` follows sentencepiece's rules (control tokens vanish, one leading "▁" is dropped, <unk> is " ⁇ ",
@@ -25,6 +28,8 @@ from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, 
 SPACE = "▁"  # U+2581, SentencePiece's visible space
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-F]{2})>$")
+# How text right after a special token (</s> ending a turn) is tokenized; see Tokenizer.encode_after_special.
+TURN_BOUNDARIES = ("release", "4.37", "legacy")
 
 
 class TokenizerError(ValueError):
@@ -153,7 +158,7 @@ def _merges_from_scores(pieces):
 class Tokenizer:
     """Base vocabulary (ids 0..n-1, the BPE model) plus added special tokens (ids n.., e.g. <image>)."""
 
-    def __init__(self, pieces, merges, special=(), added=(), scores=None, source="tokenizer"):
+    def __init__(self, pieces, merges, special=(), added=(), scores=None, source="tokenizer", turn_boundary="release"):
         self._pieces = list(pieces)  # id -> piece, base vocabulary first
         self._n_base = len(self._pieces)
         self._ids = {p: i for i, p in enumerate(self._pieces)}
@@ -173,6 +178,8 @@ class Tokenizer:
                          byte_fallback=True)
         self._bpe = _HFTokenizer(bpe)
         self.add_special_tokens(list(added))
+        self._source = source
+        self.turn_boundary = turn_boundary
 
     # --- ids of the tokens the rest of nanollava needs
     @property
@@ -182,6 +189,17 @@ class Tokenizer:
     @property
     def image_id(self):
         return self._ids.get("<image>")
+
+    @property
+    def turn_boundary(self):
+        """How text after a special token is tokenized (see encode_after_special): one of TURN_BOUNDARIES."""
+        return self._turn_boundary
+
+    @turn_boundary.setter
+    def turn_boundary(self, value):
+        if value not in TURN_BOUNDARIES:
+            raise TokenizerError(f"{self._source}: turn_boundary {value!r}, expected one of {TURN_BOUNDARIES}")
+        self._turn_boundary = value
 
     @property
     def vocab_size(self):
@@ -213,6 +231,31 @@ class Tokenizer:
         if prefix:
             text = SPACE + text
         return self._bpe.encode(text, add_special_tokens=False).ids
+
+    def encode_after_special(self, text):
+        """Text that follows a special token inside one call of HF's slow LlamaTokenizer: how the official code
+        tokenizes the "USER: {question} ..." after each "{answer}</s>" (and any text after <s> or </s>).
+
+        "release": transformers 4.31, legacy=False (as vicuna-7b-v1.5's tokenizer_config.json sets), what
+          LLaVA-1.5 was trained with. Its _tokenize encodes the chunk with sentencepiece's dummy prefix, then
+          cuts the "▁" off the first piece *as a string* and looks that string up again: "USER:" is "▁US" "ER"
+          ":" -> "US" (3308) "ER" (1001) ":". A cut piece that is not in the vocabulary becomes <unk>, a lone
+          "▁" vanishes, and a chunk that starts with a space (or "▁") keeps its pieces.
+        "4.37": transformers 4.37 (the newest official code), legacy=False: no dummy prefix, "USER" (11889) ":".
+        "legacy": legacy=True in either version: an ordinary encode, "▁US" (3148) "ER" ":".
+        """
+        if self.turn_boundary == "4.37":
+            return self.encode(text, prefix=False)
+        ids = self.encode(text)
+        if self.turn_boundary == "legacy" or not ids or text.startswith((" ", SPACE)):
+            return ids
+        first = self._pieces[ids[0]]
+        if not first.startswith(SPACE):
+            return ids  # a vocabulary without "▁" spells the prefix in byte pieces, which are left alone
+        if first == SPACE:
+            return ids[1:]  # a lone "▁" (before "\n", an emoji's bytes, ...) vanishes
+        cut = self._ids.get(first[1:], self.unk_id)  # sentencepiece's piece_to_id: unknown -> <unk>
+        return [cut if cut < self._n_base else self.unk_id] + ids[1:]
 
     def decode(self, ids):
         out, pending = [], bytearray()  # pending: a run of byte pieces, decoded together as UTF-8
@@ -257,7 +300,8 @@ class Tokenizer:
         tok.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
                   "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                  "pad_token": self._pieces[self.pad_id], "padding_side": "right"}
+                  "pad_token": self._pieces[self.pad_id], "padding_side": "right",
+                  "turn_boundary": self.turn_boundary}  # nanollava's own key; transformers ignores it
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def save_sentencepiece(self, path):
@@ -270,13 +314,13 @@ class Tokenizer:
         _write_sentencepiece(path, [(p, s, kind.get(i, NORMAL)) for i, (p, s) in enumerate(zip(self._pieces, self._scores))])
 
 
-def _from_sentencepiece_pieces(pieces, source):
+def _from_sentencepiece_pieces(pieces, source, turn_boundary="release"):
     special = [i for i, (_, _, t) in enumerate(pieces) if t == CONTROL]
     return Tokenizer([p for p, _, _ in pieces], _merges_from_scores(pieces), special=special,
-                     scores=[s for _, s, _ in pieces], source=source)
+                     scores=[s for _, s, _ in pieces], source=source, turn_boundary=turn_boundary)
 
 
-def _from_tokenizer_json(path):
+def _from_tokenizer_json(path, turn_boundary):
     try:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
         model = spec["model"]
@@ -299,22 +343,40 @@ def _from_tokenizer_json(path):
     if [t["id"] for t in extra] != list(range(len(pieces), len(pieces) + len(extra))):
         raise TokenizerError(f"{path}: added tokens do not follow the vocabulary contiguously")
     special = [t["id"] for t in base if t.get("special")]
-    return Tokenizer(pieces, merges, special=special, added=[t["content"] for t in extra], source=str(path))
+    return Tokenizer(pieces, merges, special=special, added=[t["content"] for t in extra], source=str(path),
+                     turn_boundary=turn_boundary)
 
 
-def load_tokenizer(path):
-    """A tokenizer.json, a tokenizer.model, or a directory holding one (tokenizer.json preferred)."""
+def _saved_turn_boundary(directory):
+    """The "turn_boundary" a tokenizer_config.json beside the tokenizer names (nanollava writes it), else
+    "release": official LLaVA-1.5 checkpoints and Vicuna v1.5 carry no such key and were trained that way."""
+    path = Path(directory) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    value = config.get("turn_boundary", "release") if isinstance(config, dict) else "release"
+    if value not in TURN_BOUNDARIES:
+        raise TokenizerError(f"{path}: turn_boundary {value!r}, expected one of {TURN_BOUNDARIES}")
+    return value
+
+
+def load_tokenizer(path, turn_boundary=None):
+    """A tokenizer.json, a tokenizer.model, or a directory holding one (tokenizer.json preferred).
+    turn_boundary (one of TURN_BOUNDARIES) overrides the one its tokenizer_config.json names (default "release")."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
-                return load_tokenizer(path / name)
+                return load_tokenizer(path / name, turn_boundary)
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
     if not path.is_file():
         raise TokenizerError(f"{path}: no such tokenizer file")
+    if turn_boundary is None:
+        turn_boundary = _saved_turn_boundary(path.parent)
     if path.suffix == ".json":
-        return _from_tokenizer_json(path)
-    return _from_sentencepiece_pieces(_read_sentencepiece(path), str(path))
+        return _from_tokenizer_json(path, turn_boundary)
+    return _from_sentencepiece_pieces(_read_sentencepiece(path), str(path), turn_boundary)
 
 
 def train_tokenizer(texts, vocab_size):

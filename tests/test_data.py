@@ -19,8 +19,9 @@ from oracles import hf_llama_tokenizer, tokenizer_image_token
 # ----------------------------------------------------------------------------- the official procedure
 
 class SlowLlamaTokenizer:
-    """`tokenizer(text).input_ids` of HF transformers 4.3x's slow LlamaTokenizer(legacy=False, add_bos_token=True),
-    the tokenizer official LLaVA trains with, rebuilt on sentencepiece: add_dummy_prefix is switched off,
+    """`tokenizer(text).input_ids` of HF transformers 4.37's slow LlamaTokenizer(legacy=False, add_bos_token=True),
+    the tokenizer the newest official LLaVA trains with (nanollava's turn_boundary="4.37"; the release's 4.31 form
+    is tested against the official goldens in test_official.py), rebuilt on sentencepiece: add_dummy_prefix is switched off,
     "▁" goes in front of the text, the text is split at special tokens, and a chunk that starts with "▁" or
     " " is encoded as "<unk>" + chunk with the <unk> pieces dropped."""
 
@@ -73,7 +74,8 @@ def official_ids(prompt, tokenizer, image_token_index):
 
 @functools.lru_cache
 def _tokenizers(path):
-    return load_tokenizer(path), {"slow (official)": SlowLlamaTokenizer(path),
+    # Both oracles tokenize text after </s> as transformers 4.37 does: "USER" (11889) ":".
+    return load_tokenizer(path, turn_boundary="4.37"), {"slow (official)": SlowLlamaTokenizer(path),
                                   "transformers": transformers_tokenizer(path)}
 
 
@@ -118,8 +120,9 @@ def test_vicuna_ids_equal_the_official_procedure(sp_model_path, name, oracle, im
     assert len(spans) == len(pairs)
     for span, (_, answer) in zip(spans, pairs):
         assert span[-1] == tok.eos_id and tok.decode(span[:-1]) == answer
-    # The inference prompt is the training row cut before the last answer.
-    open_turns = pairs[:-1] + [(pairs[-1][0], None)]
+    # The inference prompt is the training row cut before the last answer. Prompts take every message verbatim
+    # (as the official inference code does), so they are given the questions as training formed them.
+    open_turns = off_pairs[:-1] + [(off_pairs[-1][0], None)]
     p_ids = prompt_ids(open_turns, tok, image_token_id)
     assert p_ids == official_ids(official_prompt(off_pairs[:-1] + [(off_pairs[-1][0], None)]), oracles[oracle],
                                  image_token_id)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import attention_ref, flash, flash_attention, rms_norm, rms_norm_ref
+from kernels import attention_ref, flash_attention, rms_norm, rms_norm_ref, tune
 from kernels.flash import INTERPRET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,15 +156,15 @@ def test_attention_very_negative_scores(deterministic):
 @pytest.fixture
 def unpinned():
     yield
-    for kernel in flash.CANDIDATES:
-        flash.pin(kernel, None)
+    for kernel in tune.CANDIDATES:
+        tune.pin(kernel, None)
 
 
 def _all_configs(kernel, D):
     """Every candidate of `kernel` at head dim D, over the GPU generations, in fp32 (the interpreter's)."""
     out = []
     for arch in (90, 80):
-        out += [c for c in flash.candidates(kernel, D, torch.float32, arch) if c not in out]
+        out += [c for c in tune.candidates(kernel, D, torch.float32, arch) if c not in out]
     return out
 
 
@@ -179,20 +179,20 @@ def test_attention_every_candidate_config(D, deterministic, unpinned):
     want = _forward_backward(lambda q, k, v: attention_ref(q, k, v, True), qkv, dout, torch.float64)
     for i in range(max(map(len, lists.values()))):
         for kernel, cfgs in lists.items():
-            flash.pin(kernel, cfgs[i % len(cfgs)])
+            tune.pin(kernel, cfgs[i % len(cfgs)])
         got = _forward_backward(lambda q, k, v: flash_attention(q, k, v, True, deterministic), qkv, dout,
                                 torch.float32)
-        _check_close([f"{n} at {dict(flash._PINNED)}" for n in ATTN_NAMES], got, want, atol=1e-4)
+        _check_close([f"{n} at {dict(tune._PINNED)}" for n in ATTN_NAMES], got, want, atol=1e-4)
 
 
 def test_pin_checks_the_config(unpinned):
     with pytest.raises(ValueError, match="bogus"):
-        flash.pin("bogus", (64, 64, 4, 3))
+        tune.pin("bogus", (64, 64, 4, 3))
     with pytest.raises(ValueError, match="multiple"):
-        flash.pin("fwd", (64, 128, 4, 3))  # the causal diagonal needs BLOCK_M a multiple of BLOCK_N
-    flash.pin("dkdv", (32, 64, 4, 2))
+        tune.pin("fwd", (64, 128, 4, 3))  # the causal diagonal needs BLOCK_M a multiple of BLOCK_N
+    tune.pin("dkdv", (32, 64, 4, 2))
     q = types.SimpleNamespace(shape=(1, 1, 64, 64), is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
-    assert flash._choose("dkdv", q, True, launch=None) == flash.Config(32, 64, 4, 2)
+    assert tune._choose("dkdv", q, True, launch=None) == tune.Config(32, 64, 4, 2)
 
 
 def test_tuning_is_keyed_on_a_t_bucket(monkeypatch):
@@ -204,19 +204,19 @@ def test_tuning_is_keyed_on_a_t_bucket(monkeypatch):
         timed.append(seen[-1])
         return 1.0 if seen[-1] == cfgs[1] else 2.0  # the second candidate is the faster
 
-    seen, cfgs = [], flash.candidates("fwd", 64)
+    seen, cfgs = [], tune.candidates("fwd", 64)
     import triton.testing
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
-    monkeypatch.setattr(flash, "TUNE", True)
-    monkeypatch.setattr(flash, "_TUNED", {})
-    monkeypatch.setattr(flash, "_arch", lambda q: 90)
+    monkeypatch.setattr(tune, "TUNE", True)
+    monkeypatch.setattr(tune, "_TUNED", {})
+    monkeypatch.setattr(tune, "_arch", lambda q: 90)
     fake = lambda T: types.SimpleNamespace(shape=(2, 4, T, 64), is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
-    assert [flash.t_bucket(T) for T in (1, 577, 600, 2048)] == [128, 1024, 1024, 2048]
+    assert [tune.t_bucket(T) for T in (1, 577, 600, 2048)] == [128, 1024, 1024, 2048]
     for T in (577, 600, 577):
-        assert flash._choose("fwd", fake(T), False, seen.append) == cfgs[1]
+        assert tune._choose("fwd", fake(T), False, seen.append) == cfgs[1]
     assert timed == cfgs
-    flash._choose("fwd", fake(2048), False, seen.append)
-    flash._choose("fwd", fake(600), True, seen.append)  # causality is part of the key
+    tune._choose("fwd", fake(2048), False, seen.append)
+    tune._choose("fwd", fake(600), True, seen.append)  # causality is part of the key
     assert len(timed) == 3 * len(cfgs)
 
 
@@ -394,8 +394,8 @@ def test_compile_report_covers_every_kernel(compile_report):
     assert len(seen) == len(compile_report)
     for arch in ARCHS:
         for name, B, H, T, D, causal in SHAPES:
-            for kernel in flash.CANDIDATES:
-                for cfg in flash.candidates(kernel, D, arch=arch):
+            for kernel in tune.CANDIDATES:
+                for cfg in tune.candidates(kernel, D, arch=arch):
                     assert (arch, name, kernel, ",".join(map(str, cfg))) in seen
             assert any(r["arch"] == arch and r["shape"] == name and r["kernel"] == "delta" for r in compile_report)
         for N in NORM_WIDTHS:

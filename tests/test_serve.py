@@ -1,11 +1,13 @@
-"""nanollava/serve.py and nanollava/attention_map.py on a tiny random checkpoint: the real openai client against
-`sample.py --serve` in a subprocess (streamed and not, equal to `sample.py --temperature 0`), eight concurrent
-clients against each answer alone, every bad request, the queue and disconnect limits on an in-process server,
-the chat page in headless Chromium, and the attention weights against transformers' eager attention."""
+"""nanollava/serve.py, nanollava/openai_api.py and nanollava/attention_map.py on a tiny random checkpoint: the real
+openai client against `sample.py --serve` in a subprocess (streamed and not, equal to `sample.py --temperature 0`),
+eight concurrent clients against each answer alone, every bad request, the queue and disconnect limits on an
+in-process server, the chat page in headless Chromium, the attention weights against transformers' eager attention,
+and `bench.py serve` end to end."""
 import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -374,3 +376,15 @@ def test_the_page_in_a_real_browser(server, tiny, browser, tmp_path):
     print(f"screenshot: {shot}")
     drv.find_element(By.ID, "reset").click()
     assert drv.find_elements(By.CSS_SELECTOR, ".msg") == [] and not drv.find_element(By.ID, "preview").is_displayed()
+
+
+def test_bench_py_serve_prints_both_ways_the_ratio_and_equal_answers(tiny, tmp_path):
+    """`bench.py serve` end to end on the tiny model (random pictures: no world at --data); no timing is asserted,
+    but the greedy answers must be the same batched as alone."""
+    p = subprocess.run([sys.executable, "bench.py", "serve", "--model", str(tiny), "--data", str(tmp_path / "none.json"),
+                        "--tokens", "4", "--repeats", "1", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"^one at a time: +[\d.]+ tokens/s; time to first token [\d.]+ ms \(median\)\n"
+                     r"8 at once: +[\d.]+ tokens/s; time to first token [\d.]+ ms median, [\d.]+ ms worst\n"
+                     r"batched / one at a time: [\d.]+x the tokens/s \(32 answer tokens a round; "
+                     r"8 of 8 answers identical both ways\)\n$", p.stdout), p.stdout

@@ -126,6 +126,28 @@ def test_save_load_roundtrip(sp_model_path, tmp_path):
     assert back.decode(ids) == tok.decode(ids) == "<image> is literal text ⁇ "
 
 
+def test_turn_boundary_travels_with_the_tokenizer(tmp_path):
+    """A checkpoint's tokenizer_config.json keeps the form its model was trained with; the argument overrides it;
+    a tokenizer without the key (Vicuna's, official checkpoints) gets the release form. (The forms themselves
+    are tested against transformers in tests/test_official.py.)"""
+    tok = train_tokenizer(["USER: what is it? ASSISTANT: a red star"] * 20, 300)
+    assert tok.turn_boundary == "release"
+    tok.save_sentencepiece(tmp_path / "tokenizer.model")
+    assert load_tokenizer(tmp_path / "tokenizer.model").turn_boundary == "release"
+    for boundary in ("4.37", "legacy", "release"):
+        tok.turn_boundary = boundary
+        tok.save(tmp_path / boundary)
+        assert json.loads((tmp_path / boundary / "tokenizer_config.json").read_text())["turn_boundary"] == boundary
+        assert load_tokenizer(tmp_path / boundary).turn_boundary == boundary
+        assert load_tokenizer(tmp_path / boundary / "tokenizer.json", turn_boundary="legacy").turn_boundary == "legacy"
+    config = tmp_path / "4.37" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "turn_boundary": "4.31"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: turn_boundary '4.31'"):
+        load_tokenizer(tmp_path / "4.37")
+    with pytest.raises(TokenizerError, match="turn_boundary 'new'"):
+        load_tokenizer(tmp_path / "tokenizer.model", turn_boundary="new")
+
+
 def test_errors_name_the_file(sp_model_path, tmp_path):
     cases = {"missing.model": None, "garbage.model": bytes(range(256)) * 4,
              "truncated.model": sp_model_path.read_bytes()[:100_000], "empty.model": b"",
