@@ -57,7 +57,7 @@ def test_two_processes_equal_one_from_init(trained, data_file, tmp_path, lora):
     adapter = load_file(tmp_path / "two" / "stage2" / "adapter" / "adapter_model.safetensors")
     targets = 0
     for k, v in base.items():
-        name = k.removeprefix("language_model.").removesuffix(".weight")
+        name = k.removeprefix("language_model.model.").removesuffix(".weight")  # the file: llava-hf hub keys
         a_key = f"base_model.model.model.language_model.{name}.lora_A.weight"
         if a_key in adapter:
             delta = adapter[a_key.replace("lora_A", "lora_B")] @ adapter[a_key] * 2.0
