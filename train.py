@@ -246,7 +246,8 @@ def train_stage(run, stage, hp):
         epoch = step // per_epoch  # each epoch shuffles anew; a resumed one skips the samples already seen
         batches = batch_indices(len(ds), run.world_size, run.rank, run.seed, epoch, hp.micro_batch, accum,
                                 run.recipe.group_by_length and stage == 2, ds.lengths, ds.has_image, start=(step % per_epoch) * hp.batch)
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=run.workers,
+        # its own generator: the loader's seed draw must not move the global RNG that dropout reads (resume restores it)
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=run.workers, generator=torch.Generator(),
                                                   collate_fn=partial(collate, pad_id=run.tok.pad_id)))
         while step < min(total, (epoch + 1) * per_epoch):
             t0 = time.time()
