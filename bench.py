@@ -1,9 +1,11 @@
 """
 nanollava against transformers' LlavaForConditionalGeneration on the same weights, each side measured in one run
-and the ratio printed: a stage-2 training step, greedy decoding, and loading a checkpoint; and nanollava's server
-(nanollava/serve.py) with eight clients at once against the same requests one at a time.
+and the ratio printed: a stage-2 training step, a LoRA step against PEFT, greedy decoding, and loading a checkpoint;
+and nanollava's server (nanollava/serve.py) with eight clients at once against the same requests one at a time.
 
     python bench.py train --steps 20                          # prepare.py's world: 16 rows, forward+backward+AdamW
+    python bench.py lora --threads 1                          # LoRA r 16 step vs PEFT: 4 blocks of 512, vocab 32064
+    python bench.py lora --model llava-1.5-7b-hf --rank 128 --alpha 256 --device cuda   # on a GPU
     python bench.py decode                                    # a tiny random world-sized checkpoint, 64 tokens
     python bench.py decode --model out/stage2/model --repeats 9
     python bench.py load --model out/stage2/model             # from_pretrained to a ready model, both sides
@@ -12,7 +14,8 @@ and the ratio printed: a stage-2 training step, greedy decoding, and loading a c
     python bench.py serve --model out/stage2/model --threads 1  # the server: 8 clients at once vs one at a time
 
 The two sides alternate inside each repeat, so a change in machine load hits both alike; medians (train: means)
-are reported. transformers is a test-only dependency of nanollava: it is imported here only. The kernels'
+are reported (lora: CPU time on a CPU, which other work on a shared machine does not inflate as it does wall
+time). transformers and peft are test-only dependencies of nanollava: they are imported here only. The kernels'
 own benchmark (Triton against SDPA and eager PyTorch) is kernels/bench.py. `serve` needs a model with its tokenizer
 (default out/stage2/model, what train.py writes); its requests carry the world's eval images when prepare.py's
 world is there, random pictures otherwise.
@@ -35,6 +38,7 @@ from PIL import Image
 import kernels
 from nanollava import anyres
 from nanollava.anyres import AnyResConfig
+from nanollava import lora
 from nanollava.checkpoint import read_json
 from nanollava.data import LLaVADataset, collate
 from nanollava.templates import DataError, IMAGE, prompt_ids
@@ -48,12 +52,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SERVE_MODEL = "out/stage2/model"
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("what", choices=["train", "decode", "load", "serve"], help="the training step, greedy decoding, loading, or the server")
-parser.add_argument("--model", help="decode, load: a llava-hf layout checkpoint (default: a tiny random world-sized one); "
+parser.add_argument("what", choices=["train", "lora", "decode", "load", "serve"], help="the training step, the LoRA step, greedy decoding, loading, or the server")
+parser.add_argument("--model", help="lora, decode, load: a llava-hf layout checkpoint (default: a tiny random one); "
                                     "serve: any model sample.py reads (default " + SERVE_MODEL + ")")
 parser.add_argument("--data", default=RECIPES["world"].data, help="train: prepare.py's manifest (its CLIP, Vicuna and stage-2 data); serve: its eval images, if it is there")
-parser.add_argument("--steps", type=int, default=20, help="train: timed steps after 2 warm-up steps")
-parser.add_argument("--micro-batch", type=int, default=16, help="train: rows in the batch")
+parser.add_argument("--steps", type=int, default=20, help="train, lora: timed steps after 2 warm-up steps")
+parser.add_argument("--micro-batch", type=int, default=None, help="train, lora: rows in the batch (default 16, lora 4)")
+parser.add_argument("--rank", type=int, default=16, help="lora: LoRA rank r")
+parser.add_argument("--alpha", type=float, default=32, help="lora: LoRA alpha (scale alpha / r)")
+parser.add_argument("--lora-dropout", type=float, default=0.05, help="lora: dropout on the LoRA input (official 0.05)")
 parser.add_argument("--next", action="store_true", help="decode, load without --model: a tiny LLaVA-1.6 (AnyRes, llava_next) checkpoint, against LlavaNextForConditionalGeneration")
 parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per generation (eos ignored by both); serve: at most this many per answer")
 parser.add_argument("--repeats", type=int, default=None, help="decode, load, serve: timed repeats after a warm-up (default 5; serve 3)")
@@ -77,14 +84,14 @@ def synced(device):
     return time.perf_counter()
 
 
-def tiny_checkpoint(out_dir, width=128, layers=2, llava_next=False):
+def tiny_checkpoint(out_dir, width=128, layers=2, vocab=1088, llava_next=False):
     """A random checkpoint (llava-hf layout) of the default world's model size, as prepare.py and train.py build it:
     LLM hidden 128 (heads of 32, MLP 8/3 x), 2 layers, vocabulary 1024 + <image> + <pad> padded to 1088; tower
     hidden 128, 3 layers, 72 px images in 24 px patches (9 image tokens). llava_next=True: LLaVA-1.6's AnyRes over
     the released pinpoints scaled to 72 px tiles."""
     torch.manual_seed(0)
     vision = ViTConfig(image_size=72, patch_size=24, hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
-    text = LlamaConfig(vocab_size=1088, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
                        num_hidden_layers=layers, num_attention_heads=width // 32, max_position_embeddings=2048)
     tiles = AnyResConfig(tuple((a * 72 // 336, b * 72 // 336) for a, b in anyres.PINPOINTS)) if llava_next else None
     LLaVA(LLaVAConfig(vision, text, image_token_id=1024, pad_token_id=1025, anyres=tiles)).save_pretrained(out_dir)
@@ -141,6 +148,75 @@ def bench_train(manifest_path, steps, micro_batch, device, seed):
         print(f"{name:>12}: {1e3 * t:7.1f} ms a step", flush=True)
     print(f"nanollava / transformers: {times['transformers'] / times['nanollava']:.2f}x the steps/s", flush=True)
     return times
+
+
+# ----------------------------------------------------------------------------- the LoRA step against PEFT
+
+def batch_for(model, batch, text_tokens, device):
+    """input_ids with one image placeholder after <s>, labels on the second half of the text; and the same batch as
+    transformers' Llava takes it (one placeholder per patch, labels -100 over the image)."""
+    g = torch.Generator().manual_seed(1)
+    P, img = model.config.vision.num_patches, model.image_token_id
+    text = torch.randint(3, img, (batch, text_tokens), generator=g)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, 1), img), text], 1)
+    labels = ids.clone()
+    labels[:, :2 + text_tokens // 2] = -100
+    hf_ids = torch.cat([ids[:, :1], torch.full((batch, P), img), text], 1)
+    hf_labels = torch.cat([labels[:, :1], torch.full((batch, P), -100), labels[:, 2:]], 1)
+    px = torch.randn(batch, 3, model.config.vision.image_size, model.config.vision.image_size, generator=g)
+    return [t.to(device) for t in (ids, labels, px, hf_ids, hf_labels)]
+
+
+def state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def bench_lora(model_dir, rank=16, alpha=32, dropout=0.05, batch=4, text_tokens=64, steps=5, device="cpu",
+               dtype=torch.float32, out=sys.stdout):
+    """Times one LoRA stage-2 step of nanollava and of PEFT on transformers' Llava on model_dir (llava-hf layout).
+    Returns {"nanollava": seconds, "peft": seconds, "ratio": peft / nanollava}."""
+    from peft import PeftModel
+    LlavaForConditionalGeneration = transformers_llava()
+    ours = lora.inject(LLaVA.from_pretrained(model_dir, dtype=dtype), rank, alpha, dropout).to(device)
+    lora.mark_trainable(ours)
+    with torch.no_grad():  # B starts at zero; a nonzero B makes the comparison of the losses below mean something
+        for m in lora.lora_layers(ours).values():
+            m.lora_B.weight.normal_(0, 0.02)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora.save_adapter(ours, tmp)
+        hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        theirs = PeftModel.from_pretrained(hf, tmp, is_trainable=True).to(device)
+    ids, labels, px, hf_ids, hf_labels = batch_for(ours, batch, text_tokens, device)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        l_ours, l_theirs = float(ours(ids, px, labels=labels)), float(theirs(input_ids=hf_ids, pixel_values=px, labels=hf_labels).loss)
+    print(f"loss without dropout: nanollava {l_ours:.6f}, PEFT {l_theirs:.6f} (difference {abs(l_ours - l_theirs):.2g})", file=out)
+    ours.train(), theirs.train()
+    sides = {"nanollava": (ours, lambda: ours(ids, px, labels=labels)),
+             "peft": (theirs, lambda: theirs(input_ids=hf_ids, pixel_values=px, labels=hf_labels).loss)}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, (m, _) in sides.items()}
+    times = {k: [] for k in sides}
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    for i in range(2 + steps):  # the two sides alternate, so a slower minute of a shared machine hits both
+        for k, (m, loss_fn) in sides.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = clock()
+            loss_fn().backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= 2:
+                times[k].append(clock() - t0)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result["ratio"] = result["peft"] / result["nanollava"]
+    for k, (m, _) in sides.items():
+        n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        print(f"{k:9s}  step {result[k]:.3f} s  trainable {n:,} parameters  AdamW state {state_bytes(opts[k]) / 2**20:.2f} MiB", file=out)
+    what = "wall" if device.startswith("cuda") else "CPU"
+    print(f"nanollava is {result['ratio']:.2f}x PEFT's speed ({what} time, median of {steps} steps, r {rank}, batch {batch})", file=out)
+    return result
 
 
 # ----------------------------------------------------------------------------- greedy decoding
@@ -334,7 +410,7 @@ def bench_serve(model_dir, world_manifest, device, dtype, n_new, repeats, client
 def main(argv=None):
     args = parser.parse_args(argv)
     args.repeats = args.repeats if args.repeats is not None else 3 if args.what == "serve" else 5
-    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch), ("--tokens", args.tokens),
+    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch if args.micro_batch is not None else 1), ("--tokens", args.tokens),
                         ("--repeats", args.repeats), ("--threads", args.threads or 1)):
         if value < 1:
             parser.error(f"{flag} must be 1 or more, not {value}")
@@ -344,10 +420,16 @@ def main(argv=None):
     kernels.use("auto")
     try:
         if args.what == "train":
-            return bench_train(args.data, args.steps, args.micro_batch, args.device, args.seed)
+            return bench_train(args.data, args.steps, args.micro_batch or 16, args.device, args.seed)
         if args.what == "serve":
             return bench_serve(args.model or SERVE_MODEL, args.data, args.device, dtype, args.tokens, args.repeats)
         with tempfile.TemporaryDirectory() as tmp:
+            if args.what == "lora":  # the 1.63x of the README: 4 blocks of width 512, llava-hf's 32064 vocabulary
+                model_dir = args.model or tiny_checkpoint(tmp, width=512, layers=4, vocab=32064)
+                print(f"lora: {model_dir} on {args.device} ({dtype}), r {args.rank}, alpha {args.alpha}, dropout "
+                      f"{args.lora_dropout}, batch {args.micro_batch or 4} x 64 text tokens, {torch.get_num_threads()} threads", flush=True)
+                return bench_lora(model_dir, args.rank, args.alpha, args.lora_dropout, args.micro_batch or 4, 64, args.steps,
+                                  args.device, dtype)
             model_dir = args.model or tiny_checkpoint(tmp, llava_next=args.next)
             if args.what == "decode":
                 return bench_decode(model_dir, args.device, dtype, args.tokens, args.repeats)

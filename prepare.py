@@ -45,6 +45,7 @@ parser.add_argument("--patch-size", type=int, default=24, help="vision tower pat
 parser.add_argument("--n-train", type=int, default=15000, help="training images (stage 1 captions one each; stage 2 rows several each)")
 parser.add_argument("--n-eval", type=int, default=300, help="held-out evaluation images (layouts never seen in training)")
 parser.add_argument("--eval-questions", type=int, default=2, help="questions per evaluation image")
+parser.add_argument("--n-custom", type=int, default=400, help="custom/: counting fine-tuning images (a quarter as many held out)")
 parser.add_argument("--n-text", type=int, default=200, help="text-only stage 2 rows")
 # the base models and their pretraining
 parser.add_argument("--vit-width", type=int, default=128, help="vision tower hidden size (intermediate is 4x)")
@@ -105,18 +106,25 @@ def done(marker, config):
 
 # ============================================================================================ the world
 
-WORLD_FILES = ["images/train", "images/eval", "stage1.json", "stage2.json", "eval.jsonl", "scenes.json"]
+WORLD_FILES = ["images/train", "images/eval", "stage1.json", "stage2.json", "eval.jsonl", "scenes.json", "custom"]
 
 
 def build_world(args, out):
     """Images, stage1.json, stage2.json, eval.jsonl, scenes.json (the ground truth of every image)."""
-    for p in ["images", "stage1.json", "stage2.json", "eval.jsonl", "scenes.json"]:
+    for p in ["images", "stage1.json", "stage2.json", "eval.jsonl", "scenes.json", "custom"]:
         shutil.rmtree(out / p, ignore_errors=True) if (out / p).is_dir() else (out / p).unlink(missing_ok=True)
     rng = random.Random(args.seed)
     train = W.sample_scenes(rng, args.n_train)
     evals = W.sample_scenes(rng, args.n_eval, exclude={s.key() for s in train})  # held-out layouts
+    # custom/: a small fine-tuning set of one question type, "How many KIND/COLOR shapes are there?", in LLaVA's
+    # format (train.json + images, held-out questions on new layouts); its own random stream leaves the rest as it was
+    crng = random.Random(args.seed + 1)
+    custom_train = W.sample_scenes(crng, args.n_custom)
+    custom_eval = W.sample_scenes(crng, args.n_custom // 4, exclude={s.key() for s in train + evals + custom_train})
     stage1, stage2, questions = [], [], []
-    jobs = []
+    jobs = [(scene, args.image_size, out / "custom" / "images" / f"{split}-{i:06d}.png")
+            for split, scenes in [("train", custom_train), ("eval", custom_eval)] for i, scene in enumerate(scenes)]
+    (out / "custom" / "images").mkdir(parents=True)
     for split, scenes in [("train", train), ("eval", evals)]:
         (out / "images" / split).mkdir(parents=True)
         jobs += [(scene, args.image_size, out / "images" / split / f"{i:06d}.png") for i, scene in enumerate(scenes)]
@@ -131,6 +139,11 @@ def build_world(args, out):
     for i, scene in enumerate(evals):
         types = [W.QTYPES[(i * args.eval_questions + j) % len(W.QTYPES)] for j in range(args.eval_questions)]
         questions.extend(W.eval_rows(scene, rng, len(questions), f"eval/{i:06d}.png", types))
+    write_json([W.count_rows(s, crng, f"count-{i:06d}", f"train-{i:06d}.png") for i, s in enumerate(custom_train)],
+               out / "custom" / "train.json", indent=None)
+    custom_q = [{"question_id": i, "image": f"eval-{i:06d}.png", "text": q + W.SHORT, "answer": a, "category": "count_one"}
+                for i, (q, a) in enumerate(W.count_one(s, crng) for s in custom_eval)]
+    (out / "custom" / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in custom_q))
     write_json(stage1, out / "stage1.json", indent=None)
     write_json(stage2, out / "stage2.json", indent=None)
     tmp = out / "eval.jsonl.tmp"
@@ -139,7 +152,8 @@ def build_world(args, out):
     write_json({"train": {f"train/{i:06d}.png": s.asdict() for i, s in enumerate(train)},
                 "eval": {f"eval/{i:06d}.png": s.asdict() for i, s in enumerate(evals)}}, out / "scenes.json", indent=None)
     return {"train_images": len(train), "eval_images": len(evals), "stage1_rows": len(stage1),
-            "stage2_rows": len(stage2), "eval_questions": len(questions)}
+            "stage2_rows": len(stage2), "eval_questions": len(questions), "custom_rows": len(custom_train),
+            "custom_questions": len(custom_q)}
 
 
 def draw_png(scene, size, path):
@@ -148,7 +162,7 @@ def draw_png(scene, size, path):
 
 def prepare_world(args):
     out = Path(args.root) / "world"
-    world_cfg = {k: getattr(args, k) for k in ["seed", "image_size", "n_train", "n_eval", "eval_questions", "n_text"]}
+    world_cfg = {k: getattr(args, k) for k in ["seed", "image_size", "n_train", "n_eval", "eval_questions", "n_text", "n_custom"]}
     clip_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["patch_size", "vit_width", "vit_layers", "vit_heads",
                                                               "vit_steps", "vit_images", "vit_batch", "vit_lr"]}}
     vicuna_cfg = {**world_cfg, **{k: getattr(args, k) for k in ["vocab_size", "llm_width", "llm_layers", "llm_heads",

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import kernels
-from nanollava import LLaVA
-from nanollava.checkpoint import CheckpointError, read_safetensors, write_safetensors
+from nanollava import LLaVA, finetune
+from nanollava.checkpoint import CheckpointError, write_safetensors
 from nanollava.cli import Parser, UserError, checked, lock_dir, one_sentence
 from nanollava.data import LLaVADataset, batch_indices, collate
 from nanollava.templates import DataError
@@ -83,6 +83,16 @@ parser.add_argument("--accumulate-unsharded", action="store_true", help="reduce-
                     "micro-batch: less traffic, but a full fp32 gradient per GPU between micro-batches (27 GB for 7B)")
 parser.add_argument("--timeout-min", type=checked(float, lambda m: m > 0, "above 0"), default=60, help="collective timeout in minutes (covers rank 0's export)")
 parser.add_argument("--strict", action="store_true", help="stop at the first bad dataset row instead of skipping it")
+# fine-tuning (nanollava/finetune.py): stage 2 from a released LLaVA or a released projector, in full or with LoRA
+parser.add_argument("--init", help="stage 2 from this released LLaVA (official or llava-hf layout) instead of stage 1's projector")
+parser.add_argument("--projector", help="stage 2 from CLIP + Vicuna and this stage-1 projector (official mm_projector.bin or projector.safetensors)")
+parser.add_argument("--image-root", help="with --data a LLaVA JSON/JSONL file: the folder its 'image' paths are relative to")
+parser.add_argument("--vision-tower", help="CLIP directory: with a data file, or the tower of an official --init whose mm_vision_tower is not local")
+parser.add_argument("--language-model", help="Vicuna directory, with a data file and no --init")
+parser.add_argument("--lora-r", type=int, help="LoRA rank on the language model's seven linear layers per block (0: full fine-tuning)")
+parser.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / r (default: 2 r)")
+parser.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (recipe: 0.05)")
+parser.add_argument("--projector-lr", type=float, help="stage 2: the projector's peak learning rate (default: --lr2)")
 
 
 def recipe_from_args(args):
@@ -94,7 +104,9 @@ def recipe_from_args(args):
     stage2 = replace(recipe.stage2, **given(lr=args.lr2, batch=args.batch2, epochs=args.epochs2, micro_batch=args.micro_batch))
     return replace(recipe, stage1=stage1, stage2=stage2, **given(
         data=args.data, max_len=args.max_len, grad_checkpointing=args.grad_checkpointing, group_by_length=args.group_by_length,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip))
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip, init=args.init,
+        projector=args.projector, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        projector_lr=args.projector_lr))
 
 
 @dataclass
@@ -120,6 +132,7 @@ class Run:
     sigterm: bool = False  # set by the SIGTERM handler; the ranks agree on it once per step
     lock: object = None    # rank 0: the open OUT/.lock, held while the run lives
     accumulate_unsharded: bool = False  # one reduce-scatter per step: full unsharded gradients between micro-batches
+    tune: finetune.Finetune = finetune.Finetune()  # --init, --projector, LoRA (nanollava/finetune.py)
 
     def path(self, name):
         return self.data_dir / name
@@ -141,14 +154,21 @@ def main(args):
     init_group(device, args.timeout_min)  # one process: a group of one, so the code path is the same
     kernels.use(args.kernels)
     manifest_path = Path(recipe.data)
-    manifest = read_manifest(manifest_path)
-    tok = load_tokenizer(manifest_path.parent / manifest["vicuna"])
-    tok.add_special_tokens(["<image>", "<pad>"])
+    tune = finetune.Finetune(recipe.init, recipe.projector, args.vision_tower, args.language_model, recipe.lora_r,
+                             recipe.lora_alpha, recipe.lora_dropout, recipe.projector_lr)
+    try:  # fine-tuning's inputs are checked before anything is written: one sentence, exit 2
+        manifest = (read_manifest(manifest_path) if finetune.is_manifest(manifest_path) else
+                    finetune.data_manifest(manifest_path, args.image_root, args.vision_tower, args.language_model, tune.init))
+        tok = load_tokenizer(finetune.tokenizer_dir(tune, manifest_path.parent / manifest["vicuna"]))
+        tok.add_special_tokens(["<image>", "<pad>"])
+        finetune.preflight(tune, args.stage, manifest, manifest_path.parent, tok, recipe.max_len)
+    except (ValueError, OSError) as e:  # FinetuneError, TokenizerError, DataError
+        parser.exit(2, f"error: {e}\n")
     out = Path(args.out)
     run = Run(recipe, dist.get_rank(), dist.get_world_size(), device, manifest, manifest_path.parent, out, out / "log.jsonl", tok,
               args.seed, args.max_steps, args.save_every, args.resume, args.compile,
               workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 0), strict=args.strict,
-              accumulate_unsharded=args.accumulate_unsharded)
+              accumulate_unsharded=args.accumulate_unsharded, tune=tune)
     if run.rank == 0:
         print(f"nanollava train: {json.dumps({**vars(args), 'resolved': asdict(recipe), 'world_size': run.world_size, 'device': str(device)})}", flush=True)
     run.out.mkdir(parents=True, exist_ok=True)
@@ -176,17 +196,17 @@ def main(args):
 def build(run, stage):
     """The model a stage starts from: CLIP + Vicuna + a fresh projector (stage 1) or stage 1's projector (stage 2)."""
     torch.manual_seed(run.seed)
-    model = LLaVA.from_base(run.path(run.manifest["clip"]), run.path(run.manifest["vicuna"]))
-    if stage == 2:
-        projector = run.out / "stage1" / "projector.safetensors"
-        if not projector.is_file():
-            raise UserError(f"stage 2 starts from stage 1's projector, and {projector} does not exist: run --stage 1 first")
-        model.multi_modal_projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in read_safetensors(projector)})
+    if stage == 2:  # from stage 1's projector, --projector or --init; full or LoRA (nanollava/finetune.py)
+        try:
+            model = finetune.build(run.tune, run.path(run.manifest["clip"]), run.path(run.manifest["vicuna"]),
+                                   run.out / "stage1" / "projector.safetensors")
+        except finetune.FinetuneError as e:
+            raise UserError(str(e)) from None
+    else:
+        model = LLaVA.from_base(run.path(run.manifest["clip"]), run.path(run.manifest["vicuna"]))
+        model.requires_grad_(False)
+        model.multi_modal_projector.requires_grad_(True)
     assert (run.tok.image_id, run.tok.pad_id) == (model.image_token_id, model.config.pad_token_id), "tokenizer and model disagree on <image>/<pad>"
-    model.requires_grad_(False)
-    trainable = [model.multi_modal_projector] + ([model.language_model] if stage == 2 else [])
-    for module in trainable:
-        module.requires_grad_(True)
     model.language_model.grad_checkpointing = run.recipe.grad_checkpointing
     return model.to(run.device)
 
@@ -202,11 +222,13 @@ def count_steps(run, hp, ds):
 
 
 def optimizer(model, recipe, hp):
-    """AdamW over the projector and, in stage 2, the sharded language model: separate groups, because plain tensors
-    and DTensors never share a foreach kernel. clip_grad_norm reads the same groups."""
+    """AdamW over the projector and, in stage 2, the sharded language model (in full, or its LoRA A and B): separate
+    groups, because plain tensors and DTensors never share a foreach kernel; the projector's peak learning rate is
+    --projector-lr (`scale` times the stage's). clip_grad_norm reads the same groups."""
     projector = list(model.multi_modal_projector.parameters())
     lm = [p for p in model.language_model.parameters() if p.requires_grad]
-    groups = [{"params": g} for g in (projector, lm) if g]
+    scale = recipe.projector_lr / hp.lr if recipe.projector_lr is not None and hp.lr and lm else 1.0
+    groups = [{"params": g, "scale": s} for g, s in ((projector, scale), (lm, 1.0)) if g]
     fused = model.multi_modal_projector.linear_1.weight.is_cuda or None  # one kernel for all tensors on GPU
     return torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999), weight_decay=recipe.weight_decay, fused=fused)
 
@@ -247,8 +269,10 @@ def train_stage(run, stage, hp):
         epoch = step // per_epoch  # each epoch shuffles anew; a resumed one skips the samples already seen
         batches = batch_indices(len(ds), run.world_size, run.rank, run.seed, epoch, hp.micro_batch, accum,
                                 run.recipe.group_by_length and stage == 2, ds.lengths, ds.has_image, start=(step % per_epoch) * hp.batch)
+        # its own generator: the loader's seed draw must not move the global RNG that dropout reads (resume restores it)
         loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=run.workers, worker_init_fn=ignore_sigterm,
-                                                  collate_fn=partial(collate, pad_id=run.tok.pad_id), pin_memory=run.device.type == "cuda"))
+                                                  generator=torch.Generator(), collate_fn=partial(collate, pad_id=run.tok.pad_id),
+                                                  pin_memory=run.device.type == "cuda"))
         while step < min(total, (epoch + 1) * per_epoch):
             t0 = time.time()
             micro = [next(loader) for _ in range(accum)]
@@ -271,7 +295,7 @@ def train_stage(run, stage, hp):
                 return False
         if run.rank == 0:
             print(f"stage {stage} epoch {epoch}: {ds.summary()}", flush=True)
-    export(stage, model, run.tok, final, run.rank)
+    export(stage, model, run.tok, final, run.rank, run.tune)
     return True
 
 
@@ -321,7 +345,7 @@ def train_step(run, model, opt, micro, lr):
         return StepStats(loss, lr, math.nan, n_tok, n_samples, n_sq, n_sup, n_img)
     norm = clip_grad_norm([g["params"] for g in opt.param_groups], run.recipe.grad_clip)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["scale"]
     opt.step()
     opt.zero_grad(set_to_none=True)
     return StepStats(loss, lr, float(norm), n_tok, n_samples, n_sq, n_sup, n_img)
@@ -357,14 +381,17 @@ def report(run, model, stage, step, total, stats, step_s, eta_s):
         f.write(json.dumps(rec) + "\n")
 
 
-def export(stage, model, tok, final, rank):
+def export(stage, model, tok, final, rank, tune):
     """Stage 1: the projector's weights (replicated: read on rank 0, nothing gathered). Stage 2: the whole model in
-    llava-hf's layout with the tokenizer."""
+    llava-hf's layout with the tokenizer; after LoRA the merged model and OUT/stage2/adapter."""
     if stage == 1:
         full = {"multi_modal_projector." + k: v.cpu() for k, v in model.multi_modal_projector.state_dict().items()}
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if rank == 0 and stage == 2 and tune.lora_r:
+        finetune.export_lora(model, full, final, tok, tune.init)
+        print(f"stage 2: wrote {final} and {final.with_name('adapter')}", flush=True)
+    elif rank == 0:
         tmp = final.with_name(final.name + ".tmp")
         try:
             if stage == 1:

@@ -316,13 +316,7 @@ class LLaVA(nn.Module):
         """What stage 1 starts from: a CLIP tower, a Vicuna, and a freshly initialised projector.
         Like llava-hf, the vocabulary gains <image> and <pad> (ids V and V + 1), padded to a multiple of 64."""
         vit, llm = ViT.from_pretrained(clip_dir, dtype), Llama.from_pretrained(llm_dir, dtype)
-        V = llm.config.vocab_size
-        V2 = -(-(V + 2) // 64) * 64
-        for m in (llm.embed_tokens, llm.lm_head):  # new rows start at the mean of the old ones
-            w = m.weight.detach()
-            m.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(V2 - V, -1)]))
-        llm.embed_tokens.num_embeddings = llm.lm_head.out_features = V2
-        llm.config = replace(llm.config, vocab_size=V2)
+        V = add_image_tokens(llm)
         with torch.device("meta"):
             model = cls(LLaVAConfig(vit.config, llm.config, image_token_id=V, pad_token_id=V + 1))
         model.vision_tower, model.language_model = vit, llm
@@ -387,6 +381,17 @@ def _tower_config(tower, path):
         return VIT_PRESETS["clip-vit-large-patch14-336"]
     raise CheckpointError(f"{path}/config.json: mm_vision_tower {tower!r} is neither a local directory nor "
                           f"openai/clip-vit-large-patch14-336: pass vision_tower=DIR (a CLIP directory) for its shape")
+def add_image_tokens(llm):
+    """Gives a Llama llava-hf's <image> and <pad> rows (ids V and V + 1, the vocabulary padded to a multiple of 64),
+    in place; the new rows start at the mean of the old ones. Returns V."""
+    V = llm.config.vocab_size
+    V2 = -(-(V + 2) // 64) * 64
+    for m in (llm.embed_tokens, llm.lm_head):
+        w = m.weight.detach()
+        m.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(V2 - V, -1)]))
+    llm.embed_tokens.num_embeddings = llm.lm_head.out_features = V2
+    llm.config = replace(llm.config, vocab_size=V2)
+    return V
 
 
 def splice_index(is_image, P, left):

@@ -1,7 +1,9 @@
 """
 The training recipes: each stage's hyperparameters (StageRecipe), what both stages share (Recipe), and the named
-recipes train.py runs (`--recipe`): the offline world and LLaVA-1.5's official 7B and 13B ones
-(scripts/v1_5/pretrain.sh and finetune.sh). Every value has a train.py flag that replaces it.
+recipes train.py runs (`--recipe`): the offline world, LLaVA-1.5's official 7B and 13B ones
+(scripts/v1_5/pretrain.sh and finetune.sh), and its LoRA fine-tunes: `-lora` from Vicuna and the released stage-1
+projector (finetune_lora.sh), `-task-lora` from a released LLaVA-1.5 on one's own data (finetune_task_lora.sh).
+Every value has a train.py flag that replaces it.
 """
 import json
 from dataclasses import dataclass, replace
@@ -32,6 +34,13 @@ class Recipe:
     warmup_ratio: float = 0.03  # linear warmup over this fraction of a stage's steps, then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0      # global gradient norm
+    # stage 2 as a fine-tune (nanollava/finetune.py)
+    init: str | None = None           # a released LLaVA stage 2 starts from
+    projector: str | None = None      # a released stage-1 projector stage 2 starts from (with CLIP + Vicuna)
+    lora_r: int = 0                   # 0: the language model trains in full
+    lora_alpha: float | None = None   # None: 2 r
+    lora_dropout: float = 0.05
+    projector_lr: float | None = None  # None: the stage's lr
 
 
 def fit_micro_batch(stage, hp, world_size):
@@ -79,3 +88,13 @@ def read_manifest(path):
         if bad:
             raise UserError(f"{path} has no {key} path (a manifest names clip, vicuna and each stage's data and image_root)")
     return manifest
+# finetune_lora.sh: r 128, alpha 256, dropout 0.05, lr 2e-4, mm_projector_lr 2e-5, global batch 128 (16 x 8 GPUs);
+# finetune_task_lora.sh: the same from liuhaotian/llava-v1.5-{7,13}b on one's own data (--data FILE --image-root DIR)
+LORA = dict(lora_r=128, lora_alpha=256.0, lora_dropout=0.05, projector_lr=2e-5)
+for size in ("7b", "13b"):
+    full = RECIPES[f"llava-1.5-{size}"]
+    stage2 = replace(full.stage2, lr=2e-4)
+    RECIPES[f"llava-1.5-{size}-lora"] = replace(full, stage2=stage2, **LORA,
+                                                projector=f"checkpoints/llava-v1.5-mlp2x-336px-pretrain-vicuna-{size}-v1.5/mm_projector.bin")
+    RECIPES[f"llava-1.5-{size}-task-lora"] = replace(full, stage2=stage2, **LORA, init=f"checkpoints/llava-v1.5-{size}",
+                                                     data="data/custom/train.json")

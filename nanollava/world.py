@@ -366,6 +366,31 @@ def text_only_row(rng, rid):
     return {"id": rid, "conversations": _turns([pair])}
 
 
+def count_one(scene, rng):
+    """"How many KIND/COLOR shapes are there?": the question type the default world model is weakest at (prepare.py's
+    custom fine-tuning set, README "Fine-tune on your own data"). Half about a kind, half a colour; mostly one the
+    image has, sometimes one it has not (answer 0). Returns (question, short answer)."""
+    kinds, colors = [x.kind for x in scene.shapes], [x.color for x in scene.shapes]
+    if rng.random() < 0.5:
+        k = rng.choice(kinds) if rng.random() < 0.8 else rng.choice(KINDS)
+        return f"How many {_plural(k, 2)} are there?", str(kinds.count(k))
+    c = rng.choice(colors) if rng.random() < 0.8 else rng.choice(COLOR_NAMES)
+    return f"How many {c} shapes are there?", str(colors.count(c))
+
+
+def count_rows(scene, rng, rid, image, turns=2):
+    """A training row of `turns` count_one questions (short answers) about one image, in LLaVA's format."""
+    asked = {}
+    for _ in range(4 * turns):  # distinct questions (an image with one kind and colour has only a few)
+        q, a = count_one(scene, rng)
+        asked.setdefault(q, a)
+        if len(asked) == turns:
+            break
+    pairs = [(q + SHORT, a) for q, a in asked.items()]
+    pairs[0] = ("<image>\n" + pairs[0][0], pairs[0][1])
+    return {"id": rid, "image": image, "conversations": _turns(pairs)}
+
+
 def sample_scenes(rng, n, exclude=()):
     """n scenes whose layouts (Scene.key) are not in exclude."""
     out = []

@@ -1,5 +1,5 @@
 """bench.py runs each benchmark end to end on tiny inputs and prints both sides and the ratio (no timing is
-asserted: speed is what the benchmark shows, not what a test checks). The three runs start together."""
+asserted: speed is what the benchmark shows, not what a test checks). The four runs start together."""
 import re
 import subprocess
 import sys
@@ -9,6 +9,7 @@ from conftest import ROOT
 
 def test_bench_prints_both_sides_and_the_ratio(tiny_world):
     runs = {"train": ["--data", tiny_world, "--steps", 1, "--micro-batch", 4],
+            "lora": ["--steps", 1, "--micro-batch", 1],
             "decode": ["--tokens", 16, "--repeats", 3],
             "load": ["--repeats", 1]}
     procs = {what: subprocess.Popen([sys.executable, "bench.py", what, *map(str, args), "--threads", "1"], cwd=ROOT,
@@ -20,6 +21,8 @@ def test_bench_prints_both_sides_and_the_ratio(tiny_world):
         out[what] = stdout
     assert re.search(r"nanollava: +[\d.]+ ms a step\ntransformers: +[\d.]+ ms a step\n"
                      r"nanollava / transformers: [\d.]+x the steps/s\n$", out["train"]), out["train"]
+    assert re.search(r"loss without dropout: nanollava [\d.]+, PEFT [\d.]+ .*\nnanollava +step [\d.]+ s +trainable [\d,]+ parameters"
+                     r" +AdamW state [\d.]+ MiB\npeft +step .*\nnanollava is [\d.]+x PEFT's speed", out["lora"]), out["lora"]
     assert re.search(r"nanollava: time to first token .* tokens/s\ntransformers: time to first token .* tokens/s\n"
                      r"nanollava / transformers: decode [\d.]+x the tokens/s", out["decode"]), out["decode"]
     assert re.search(r"nanollava: +[\d.]+ ms\ntransformers: +[\d.]+ ms\nnanollava / transformers: [\d.]+x as fast\n$",
