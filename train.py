@@ -345,7 +345,7 @@ def train_step(run, model, opt, micro, lr):
         return StepStats(loss, lr, math.nan, n_tok, n_samples, n_sq, n_sup, n_img)
     norm = clip_grad_norm([g["params"] for g in opt.param_groups], run.recipe.grad_clip)
     for g in opt.param_groups:
-        g["lr"] = lr * g["scale"]
+        g["lr"] = lr * g.get("scale", 1.0)  # the projector's group may run at --projector-lr
     opt.step()
     opt.zero_grad(set_to_none=True)
     return StepStats(loss, lr, float(norm), n_tok, n_samples, n_sq, n_sup, n_img)

@@ -16,6 +16,7 @@ written. train.py's loop, sharding and checkpoints are the same for all of it.
 Everything a user can get wrong is checked by `preflight` before train.py writes anything: one sentence naming
 the file or key (FinetuneError; train.py exits 2).
 """
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -50,15 +51,14 @@ class Finetune:
 
 
 def is_manifest(path):
-    """prepare.py's manifest (a JSON object) or a LLaVA data file (a JSON list, or JSONL: a .jsonl file). A path
-    that is neither readable nor a list counts as a manifest, so that read_manifest names what is wrong with it."""
-    if Path(path).suffix == ".jsonl":
-        return False
+    """prepare.py's manifest (a JSON object) or a LLaVA data file (a JSON list, or JSONL). A file that is neither
+    (missing, not JSON) counts as a manifest, so that read_manifest names what is wrong with it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return not f.read(1 << 16).lstrip().startswith("[")
-    except OSError:
+        return not isinstance(json.loads(Path(path).read_text(encoding="utf-8")), list)
+    except (OSError, UnicodeDecodeError):
         return True
+    except json.JSONDecodeError:  # JSONL is not one JSON value; anything else is a broken manifest
+        return Path(path).suffix != ".jsonl"
 
 
 def data_manifest(data, image_root, vision_tower, language_model, init):

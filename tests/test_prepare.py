@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a world small enough to build in seconds; every flag that shapes it, so the fixture and the tests agree
 SMALL = dict(seed=7, image_size=48, patch_size=16, n_train=48, n_eval=12, eval_questions=2, n_text=8,
              vit_width=32, vit_layers=2, vit_heads=2, vit_steps=3, vit_batch=8, vit_lr=2e-3,
-             vocab_size=400, llm_width=64, llm_layers=1, llm_heads=2, llm_steps=3, llm_batch=4, llm_lr=3e-3)
+             vocab_size=400, llm_width=64, llm_layers=1, llm_heads=2, llm_steps=3, llm_batch=4, llm_lr=3e-3, n_custom=8)
 
 
 def small_argv(root, **flags):

@@ -61,7 +61,7 @@ def test_zero_learning_rate_and_zero_epochs_mean_zero(tiny_world, tmp_path):
 def test_a_second_run_into_the_same_out_is_refused_naming_the_holder(tiny_world, tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "train.py", "--data", tiny_world, "--out", out, *SMALL, "--stage", "1",
-                              "--max-steps", "1000", "--save-every", "1000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--max-steps", "1000", "--epochs1", "1000", "--save-every", "1000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "log.jsonl").exists():
