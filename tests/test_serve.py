@@ -254,7 +254,9 @@ def small_server(loaded):
 
 def test_queue_full_is_503_and_a_client_that_leaves_frees_its_row(small_server):
     url, engine = small_server
-    long = {**body(), "max_tokens": 1900, "stream": True}  # about 1900 decoding steps: seconds
+    step = engine._step
+    engine._step = lambda: (time.sleep(0.005), step())  # a tiny model decodes 1900 steps in well under a second
+    long = {**body(), "max_tokens": 1900, "stream": True}  # about 1900 decoding steps: about 10 s at 5 ms a step
     with httpx.Client(timeout=60) as a:
         with a.stream("POST", url + "/v1/chat/completions", json=long) as first:
             lines = first.iter_lines()
