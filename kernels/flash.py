@@ -73,6 +73,17 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
+def _key_split(start_m, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys a query block reads, as [0, mid) with no mask and [mid, end) with one. Causal: the blocks below the
+    query block, then its diagonal block (BLOCK_M is a multiple of BLOCK_N). Non-causal: the full key blocks, then
+    the partial tail block when T % BLOCK_N != 0."""
+    if CAUSAL:
+        return start_m, tl.minimum(start_m + BLOCK_M, T)
+    else:
+        return (T // BLOCK_N) * BLOCK_N, T
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,
                     K, V,            # pointers to k and v of this (batch, head), each (T, D)
                     stride_kt, stride_vt, offs_m, start, end, T, qk_scale,
@@ -129,15 +140,7 @@ def _attn_fwd_kernel(Q, K, V,  # pointers to the inputs, each (B, H, T, D) with 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
 
-    # Key blocks left of `mid` need no mask; [mid, end) does. Causal: keys below this
-    # query block, then the diagonal block (BLOCK_M is a multiple of BLOCK_N), then stop.
-    # Non-causal: every full key block, then the partial tail block if T % BLOCK_N != 0.
-    if CAUSAL:
-        mid = start_m
-        end = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        mid = (T // BLOCK_N) * BLOCK_N
-        end = T
+    mid, end = _key_split(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, 0, mid, T, qk_scale,
                                     CAUSAL, False, PRECISION, BLOCK_N, HEAD_D)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, mid, end, T, qk_scale,
@@ -318,13 +321,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO,  # pointers to the inputs and dO, (B, H, T,
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
 
-    # The same split of the keys as in the forward (BLOCK_M is a multiple of BLOCK_N).
-    if CAUSAL:
-        mid = start_m
-        end = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        mid = (T // BLOCK_N) * BLOCK_N
-        end = T
+    mid, end = _key_split(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, 0, mid, T, qk_scale,
                             CAUSAL, False, PRECISION, BLOCK_N, HEAD_D)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, mid, end, T, qk_scale,
